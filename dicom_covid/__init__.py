@@ -1,0 +1,56 @@
+"""dicom-covid: DICOM-aware COVID-19 screening of chest X-rays. RESEARCH USE ONLY.
+
+The public API is small: read an image, classify it with a bundle model.
+
+>>> from dicom_covid import Predictor, read_image
+>>> prediction = Predictor().predict(read_image("chest.dcm"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .errors import (
+    BundleError,
+    DataError,
+    DeliveryError,
+    DicomCovidError,
+    InputRejected,
+    ResultEncodingError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DISCLAIMER",
+    "Bundle",
+    "BundleError",
+    "DataError",
+    "DeliveryError",
+    "DicomCovidError",
+    "InputRejected",
+    "Prediction",
+    "Predictor",
+    "ResultEncodingError",
+    "XrayImage",
+    "__version__",
+    "read_image",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def __getattr__(name: str):  # lazy: importing the package must not import torch
+    if name in ("Predictor", "Prediction", "DISCLAIMER"):
+        from . import inference
+
+        return getattr(inference, name)
+    if name == "Bundle":
+        from .bundle import Bundle
+
+        return Bundle
+    if name in ("XrayImage", "read_image"):
+        from . import reader
+
+        return getattr(reader, name)
+    raise AttributeError(f"module 'dicom_covid' has no attribute {name!r}")

@@ -1,0 +1,21 @@
+"""Entry point of the ``dicom-covid`` command; each command lives in its own module."""
+
+from __future__ import annotations
+
+# Importing a command module registers its command on ``app``.
+from . import predict as _predict  # noqa: F401
+from . import train as _train  # noqa: F401
+from ._app import app
+
+# --- commands added by other modules go above this line ---
+
+__all__ = ["app"]
+
+
+def main() -> None:  # pragma: no cover - console script
+    """Run the CLI."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,62 @@
+"""Frozen configuration objects passed down the call chain.
+
+Only the CLI reads environment variables; library code receives these objects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_BUNDLE_DIR",
+    "ReaderConfig",
+    "default_data_dir",
+]
+
+#: The model bundle shipped with the source tree (``monai_bundle/`` next to the packages).
+DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent.parent / "monai_bundle"
+
+
+def default_data_dir() -> Path:
+    """Return the labelled development set folder.
+
+    ``$DICOM_COVID_DATA`` when set, otherwise ``../shared/data/cxr`` relative to the
+    project root.
+
+    Returns
+    -------
+    pathlib.Path
+        Folder expected to hold ``manifest.csv`` and ``images/``.
+    """
+    env = os.environ.get("DICOM_COVID_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cxr"
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """What the image reader accepts.
+
+    Attributes
+    ----------
+    allowed_modalities : tuple of str
+        DICOM Modality values accepted (default CR, DX and the X-ray-like ``OT``/``XC`` used by
+        Secondary Capture exports of radiographs).
+    reject_lateral : bool
+        Reject images whose View Position is LL/RL/LATERAL (default True): the models were trained
+        on frontal views only.
+    check_body_part : bool
+        Reject images whose Body Part Examined is set to something other than the chest
+        (default True).
+    min_size, max_size : int
+        Smallest and largest accepted Rows/Columns (defaults 64 and 16384).
+    """
+
+    allowed_modalities: tuple[str, ...] = ("CR", "DX", "OT", "XC", "")
+    reject_lateral: bool = True
+    check_body_part: bool = True
+    min_size: int = 64
+    max_size: int = 16384

@@ -1,0 +1,150 @@
+"""Classification of chest radiographs with a model from the bundle.
+
+:class:`Predictor` loads a model once and classifies :class:`~dicom_covid.reader.XrayImage`
+objects, files or batches; each result is a :class:`Prediction`. RESEARCH USE ONLY: a prediction
+is a screening aid for research, never a diagnosis.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .bundle import Bundle, ModelFacts
+from .models import build_model, load_checkpoint_weights
+from .reader import XrayImage, read_image
+from .transforms import preprocess
+
+__all__ = ["DISCLAIMER", "Prediction", "Predictor"]
+
+logger = logging.getLogger(__name__)
+
+#: Printed or embedded in every output.
+DISCLAIMER = "RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Result of classifying one image.
+
+    Attributes
+    ----------
+    probabilities : dict of str to float
+        Softmax probability per label, in the bundle's label order.
+    label : str
+        Most probable label.
+    covid_score : float
+        ``probabilities["covid"]``.
+    covid_threshold : float
+        Operating threshold of the model.
+    covid_suspected : bool
+        ``covid_score >= covid_threshold``: the screening decision.
+    model_name, model_title : str
+        Backbone key and display name.
+    bundle_version : str
+        Version of the bundle the model came from.
+    image_facts : dict
+        What the reader used (format, view, photometric interpretation, ...); no patient data.
+    """
+
+    probabilities: dict[str, float]
+    label: str
+    covid_score: float
+    covid_threshold: float
+    covid_suspected: bool
+    model_name: str
+    model_title: str
+    bundle_version: str
+    image_facts: dict = field(default_factory=dict)
+
+    @property
+    def decision(self) -> str:
+        """``"COVID-19 suspected"`` or ``"COVID-19 not suspected"``."""
+        return "COVID-19 suspected" if self.covid_suspected else "COVID-19 not suspected"
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form, with the decision and the research-use disclaimer."""
+        d = asdict(self)
+        d["decision"] = self.decision
+        d["disclaimer"] = DISCLAIMER
+        return d
+
+
+class Predictor:
+    """A bundle model loaded once, ready to classify.
+
+    Parameters
+    ----------
+    bundle : Bundle or path, optional
+        Bundle to take the model from (default: the project's ``monai_bundle/``).
+    model : str, optional
+        Model name in the bundle (default: the bundle's default model).
+    device : str
+        Torch device (default ``"cpu"``).
+
+    Raises
+    ------
+    BundleError
+        Unknown model or missing weights.
+    """
+
+    def __init__(self, bundle: Bundle | str | Path | None = None, model: str | None = None,
+                 device: str = "cpu") -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        self.facts: ModelFacts = self.bundle.facts(model)
+        self.device = torch.device(device)
+        net = build_model(self.facts.name, len(self.facts.labels))
+        net.load_state_dict(load_checkpoint_weights(self.facts.weights))
+        self.model: nn.Module = net.eval().to(self.device)
+        self.labels = self.facts.labels
+        self._covid = self.labels.index("covid")
+        logger.info("loaded model %s from bundle %s", self.facts.name, self.bundle.version)
+
+    def input_tensor(self, image: XrayImage) -> torch.Tensor:
+        """Network input ``(1, 3, S, S)`` for one image (the shared preprocessing path)."""
+        f = self.facts
+        return preprocess(image.pixels, f.input_size, f.mean, f.std)[None].to(self.device)
+
+    @torch.no_grad()
+    def probabilities(self, images: Sequence[XrayImage], batch_size: int = 16) -> np.ndarray:
+        """Softmax probabilities ``(N, C)`` for a sequence of images."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = torch.cat([self.input_tensor(im) for im in images[i:i + batch_size]])
+            out.append(torch.softmax(self.model(x).float(), dim=1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
+
+    def to_prediction(self, probs: np.ndarray, image: XrayImage | None = None) -> Prediction:
+        """Wrap one row of probabilities as a :class:`Prediction`."""
+        score = float(probs[self._covid])
+        return Prediction(
+            probabilities={lab: float(p) for lab, p in zip(self.labels, probs, strict=True)},
+            label=self.labels[int(np.argmax(probs))],
+            covid_score=score,
+            covid_threshold=self.facts.covid_threshold,
+            covid_suspected=score >= self.facts.covid_threshold,
+            model_name=self.facts.name,
+            model_title=self.facts.title,
+            bundle_version=self.bundle.version,
+            image_facts=image.facts() if image is not None else {},
+        )
+
+    def predict(self, image: XrayImage) -> Prediction:
+        """Classify one image."""
+        return self.to_prediction(self.probabilities([image])[0], image)
+
+    def predict_path(self, path: str | Path) -> Prediction:
+        """Read (see :func:`~dicom_covid.reader.read_image`) and classify one file.
+
+        Raises
+        ------
+        InputRejected
+            When the file is not a classifiable chest radiograph.
+        """
+        return self.predict(read_image(path))

@@ -1,0 +1,395 @@
+"""Chest X-ray reader: DICOM (CR, DX, X-ray Secondary Capture), PNG and JPEG → one normalised array.
+
+Every image the project touches (training JPEGs, DICOMs received from a PACS, files given to
+``predict``) goes through :func:`read_image` (or :func:`read_dataset` for an in-memory DICOM),
+which returns an :class:`XrayImage`: a single-channel ``float32`` array in ``[0, 1]`` where 1 is
+bright (bone is white, whatever the photometric interpretation), plus the facts used to get there.
+
+DICOM handling, in order:
+
+1. checks: pixel data present, grayscale, single frame, sane dimensions, allowed modality,
+   chest body part, frontal view;
+2. decode (native, RLE, JPEG baseline/lossless, JPEG-LS, JPEG 2000 through pylibjpeg/pyjpegls);
+3. BitsStored masking (done by pydicom), Modality LUT / Rescale Slope and Intercept;
+4. VOI: the first window (LINEAR, LINEAR_EXACT or SIGMOID), else the VOI LUT Sequence, else a
+   0.5-99.5 percentile window;
+5. MONOCHROME1 is inverted.
+
+Anything that cannot be classified raises :class:`~dicom_covid.errors.InputRejected` with a
+reason code and a message that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from .config import ReaderConfig
+from .errors import InputRejected
+
+__all__ = [
+    "LATERAL_VIEWS",
+    "XrayImage",
+    "read_dataset",
+    "read_image",
+]
+
+logger = logging.getLogger(__name__)
+
+#: View Position values that mark a lateral (non-frontal) projection.
+LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "XTABLE LATERAL"})
+#: Body Part Examined values (upper case) accepted as chest. Empty or absent is accepted too.
+CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "TORAX", "BRUST", "PECHO", "TORACE", "POITRINE")
+#: Storage SOP classes whose images we accept (CR, DX for presentation/processing, SC, Digital X-ray
+#: variants). Others with pixel data are checked by Modality instead.
+_XRAY_MODALITIES_HINT = "CR or DX (or an X-ray Secondary Capture)"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+@dataclass(frozen=True)
+class XrayImage:
+    """A checked, normalised chest radiograph.
+
+    Attributes
+    ----------
+    pixels : numpy.ndarray
+        ``float32`` array of shape ``(rows, columns)`` in ``[0, 1]``; 1 is bright.
+    source : str
+        Where it came from (a path, or ``"<dataset>"``).
+    format : str
+        ``"dicom"``, ``"png"`` or ``"jpeg"``.
+    modality, view_position, photometric_interpretation : str
+        As read from the DICOM header (empty for PNG/JPEG).
+    pixel_spacing : tuple of float or None
+        Pixel Spacing, else Imager Pixel Spacing, in mm (row, column); None when unknown or zero.
+    transfer_syntax : str or None
+        Transfer Syntax UID name for DICOM, None otherwise.
+    voi : str
+        How grey levels were mapped: ``"window"``, ``"voi_lut"``, ``"percentile"`` or ``"8bit"``.
+    sop_instance_uid, study_instance_uid, series_instance_uid : str
+        UIDs for DICOM inputs (empty otherwise).
+    """
+
+    pixels: np.ndarray
+    source: str
+    format: str
+    modality: str = ""
+    view_position: str = ""
+    photometric_interpretation: str = ""
+    pixel_spacing: tuple[float, float] | None = None
+    transfer_syntax: str | None = None
+    voi: str = ""
+    bits_stored: int = 8
+    sop_instance_uid: str = ""
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, columns)`` of :attr:`pixels`."""
+        return (int(self.pixels.shape[0]), int(self.pixels.shape[1]))
+
+    def facts(self) -> dict[str, object]:
+        """Return the header facts used, as a JSON-serialisable dict (no patient data)."""
+        return {
+            "format": self.format,
+            "modality": self.modality,
+            "view_position": self.view_position,
+            "photometric_interpretation": self.photometric_interpretation,
+            "pixel_spacing": list(self.pixel_spacing) if self.pixel_spacing else None,
+            "transfer_syntax": self.transfer_syntax,
+            "voi": self.voi,
+            "bits_stored": self.bits_stored,
+            "rows": self.shape[0],
+            "columns": self.shape[1],
+        }
+
+
+def read_image(
+    source: str | Path | bytes | BinaryIO, config: ReaderConfig | None = None
+) -> XrayImage:
+    """Read a chest radiograph from a DICOM, PNG or JPEG file.
+
+    Parameters
+    ----------
+    source : str, pathlib.Path, bytes or binary file object
+        The file. Bytes and file objects are sniffed the same way as paths.
+    config : ReaderConfig, optional
+        What to accept; defaults to :class:`~dicom_covid.config.ReaderConfig()`.
+
+    Returns
+    -------
+    XrayImage
+        The normalised image and the facts used.
+
+    Raises
+    ------
+    InputRejected
+        When the input cannot be classified; ``reason`` says why.
+    """
+    config = config or ReaderConfig()
+    name = str(source) if isinstance(source, str | Path) else "<bytes>"
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if not path.is_file():
+            raise InputRejected("not_found", f"{path}: no such file. Check the path.")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InputRejected("unreadable", f"{path}: cannot be read ({exc}).") from exc
+    elif isinstance(source, bytes | bytearray):
+        data = bytes(source)
+    else:
+        data = source.read()
+
+    if not data:
+        raise InputRejected("not_dicom", f"{name}: the file is empty. Send the complete image.")
+    if data.startswith(_PNG_MAGIC) or data.startswith(_JPEG_MAGIC):
+        return _read_bitmap(data, name)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError as exc:
+        raise InputRejected(
+            "not_dicom",
+            f"{name}: not a DICOM file (no 'DICM' preamble) and not PNG/JPEG. "
+            "Give a DICOM Part 10 file, a PNG or a JPEG.",
+        ) from exc
+    except Exception as exc:  # pydicom raises many types on truncated/garbled files
+        raise InputRejected(
+            "corrupt",
+            f"{name}: the DICOM file is truncated or corrupt ({type(exc).__name__}: {exc}). "
+            "Re-export or re-send the image.",
+        ) from exc
+    return read_dataset(ds, config=config, source=name)
+
+
+def read_dataset(
+    ds: Dataset, config: ReaderConfig | None = None, source: str = "<dataset>"
+) -> XrayImage:
+    """Check and normalise a DICOM dataset already in memory.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The image dataset (with file meta when it was read from a file).
+    config : ReaderConfig, optional
+        What to accept.
+    source : str
+        Name used in error messages.
+
+    Returns
+    -------
+    XrayImage
+
+    Raises
+    ------
+    InputRejected
+        When the dataset cannot be classified.
+    """
+    config = config or ReaderConfig()
+    _check_header(ds, config, source)
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    ts_name = ts.name if ts is not None else None
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:
+        hint = (
+            "Install the decoders (pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg "
+            "pyjpegls) or send the image uncompressed."
+            if "decod" in str(exc).lower() or "plugin" in str(exc).lower()
+            else "The pixel data is damaged or does not match Rows/Columns/BitsAllocated; "
+            "re-export or re-send the image."
+        )
+        raise InputRejected(
+            "decode_failed",
+            f"{source}: pixel data could not be decoded (transfer syntax {ts_name or 'unknown'}: "
+            f"{type(exc).__name__}: {exc}). {hint}",
+        ) from exc
+    if raw.ndim != 2:
+        raise InputRejected(
+            "bad_dimensions",
+            f"{source}: decoded pixel data has shape {raw.shape}; expected one grayscale frame.",
+        )
+    arr = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+    pixels, voi = _apply_voi(arr, ds)
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric == "MONOCHROME1":
+        pixels = 1.0 - pixels
+    if not np.all(np.isfinite(pixels)):
+        raise InputRejected("decode_failed", f"{source}: pixel values are not finite.")
+    return XrayImage(
+        pixels=np.ascontiguousarray(pixels, dtype=np.float32),
+        source=source,
+        format="dicom",
+        modality=str(ds.get("Modality", "")),
+        view_position=str(ds.get("ViewPosition", "")),
+        photometric_interpretation=photometric,
+        pixel_spacing=_pixel_spacing(ds),
+        transfer_syntax=ts_name,
+        voi=voi,
+        bits_stored=int(ds.get("BitsStored", 0) or 0),
+        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+    )
+
+
+def _check_header(ds: Dataset, config: ReaderConfig, source: str) -> None:
+    """Raise InputRejected for anything that is not a frontal grayscale chest radiograph."""
+    modality = str(ds.get("Modality", "")).upper()
+    if modality not in config.allowed_modalities:
+        raise InputRejected(
+            "wrong_modality",
+            f"{source}: Modality is {modality!r}; only {_XRAY_MODALITIES_HINT} chest radiographs "
+            "are classified. Send a chest X-ray.",
+        )
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise InputRejected(
+            "no_pixel_data",
+            f"{source}: the dataset has no Pixel Data (SOP class "
+            f"{getattr(ds.get('SOPClassUID'), 'name', 'unknown')}). Send the image itself, "
+            "not a report or presentation state.",
+        )
+    body_part = str(ds.get("BodyPartExamined", "")).upper().strip()
+    if config.check_body_part and body_part and not any(p in body_part for p in CHEST_BODY_PARTS):
+        raise InputRejected(
+            "wrong_body_part",
+            f"{source}: Body Part Examined is {body_part!r}; only chest radiographs are "
+            "classified. Send a chest X-ray.",
+        )
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise InputRejected(
+            "colour",
+            f"{source}: the image is colour ({photometric or 'unknown'}, {samples} samples per "
+            "pixel); only grayscale (MONOCHROME1/2) radiographs are classified.",
+        )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise InputRejected(
+            "multi_frame",
+            f"{source}: the image has {frames} frames; send each radiograph as its own "
+            "single-frame instance.",
+        )
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if rows is None or cols is None:
+        raise InputRejected(
+            "bad_dimensions",
+            f"{source}: Rows/Columns are missing, so the pixel data cannot be read.",
+        )
+    rows, cols = int(rows), int(cols)
+    lo, hi = config.min_size, config.max_size
+    if not (lo <= rows <= hi and lo <= cols <= hi) or max(rows, cols) > 4 * min(rows, cols):
+        raise InputRejected(
+            "bad_dimensions",
+            f"{source}: image is {rows}x{cols}; a chest radiograph must be between {lo} and {hi} "
+            "pixels a side with an aspect ratio under 4:1.",
+        )
+    bits_alloc = int(ds.get("BitsAllocated", 0) or 0)
+    bits_stored = int(ds.get("BitsStored", bits_alloc) or 0)
+    if bits_alloc not in (8, 16, 32) or not (1 <= bits_stored <= bits_alloc):
+        raise InputRejected(
+            "bad_header",
+            f"{source}: BitsAllocated={bits_alloc}, BitsStored={bits_stored} is inconsistent; "
+            "BitsStored must be between 1 and BitsAllocated (8, 16 or 32).",
+        )
+    view = str(ds.get("ViewPosition", "")).upper().strip()
+    if config.reject_lateral and view in LATERAL_VIEWS:
+        raise InputRejected(
+            "lateral_view",
+            f"{source}: View Position is {view!r} (lateral); the models were trained on frontal "
+            "(PA/AP) views only. Send the frontal image of the study.",
+        )
+
+
+def _apply_voi(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
+    """Map modality values to [0, 1] with the dataset's first window / VOI LUT."""
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is not None and width is not None:
+        c = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
+        w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+        if w > 1:
+            func = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+            if func == "SIGMOID":
+                out = 1.0 / (1.0 + np.exp(-4.0 * (arr - c) / w))
+            elif func == "LINEAR_EXACT":
+                out = (arr - c) / w + 0.5
+            else:
+                out = (arr - (c - 0.5)) / (w - 1.0) + 0.5
+            return np.clip(out, 0.0, 1.0), "window"
+    if "VOILUTSequence" in ds:
+        out = np.asarray(apply_voi_lut(arr, ds, index=0), dtype=np.float64)
+        lo, hi = float(out.min()), float(out.max())
+        return ((out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)), "voi_lut"
+    lo, hi = np.percentile(arr, [0.5, 99.5])
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0), "percentile"
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value is not None and len(value) == 2:
+            try:
+                row, col = float(value[0]), float(value[1])
+            except (TypeError, ValueError):
+                continue
+            if row > 0 and col > 0:
+                return (row, col)
+    return None
+
+
+def _read_bitmap(data: bytes, name: str) -> XrayImage:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            fmt = (img.format or "").lower()
+            mode = img.mode
+            arr = np.asarray(img)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise InputRejected(
+            "corrupt", f"{name}: the PNG/JPEG is truncated or corrupt ({exc}). Re-export it."
+        ) from exc
+    if arr.ndim == 3:
+        channels = arr[..., :3].astype(np.int32)
+        if np.abs(channels[..., 0] - channels[..., 1]).max() > 2 or (
+            np.abs(channels[..., 0] - channels[..., 2]).max() > 2
+        ):
+            raise InputRejected(
+                "colour",
+                f"{name}: the image is colour ({mode}); only grayscale radiographs are classified.",
+            )
+        arr = arr[..., 0]
+    if arr.dtype == np.uint8:
+        pixels = arr.astype(np.float32) / 255.0
+        voi = "8bit"
+    else:
+        arr = arr.astype(np.float64)
+        maximum = 65535.0 if arr.max() > 255 else 255.0
+        pixels = (arr / maximum).astype(np.float32)
+        voi = "16bit" if maximum > 255 else "8bit"
+    rows, cols = pixels.shape
+    if min(rows, cols) < 32 or max(rows, cols) > 4 * min(rows, cols):
+        raise InputRejected(
+            "bad_dimensions",
+            f"{name}: image is {rows}x{cols}; a chest radiograph must be at least 32 pixels a side "
+            "with an aspect ratio under 4:1.",
+        )
+    return XrayImage(
+        pixels=np.ascontiguousarray(pixels), source=name, format="jpeg" if fmt == "jpeg" else fmt,
+        voi=voi, bits_stored=8 if voi == "8bit" else 16,
+    )
