@@ -7,12 +7,16 @@ bright (bone is white, whatever the photometric interpretation), plus the facts 
 
 DICOM handling, in order:
 
-1. checks: pixel data present, grayscale, single frame, sane dimensions, allowed modality,
-   chest body part, frontal view;
+1. checks: the file is complete (pydicom reads a truncated file without complaint, so cut
+   elements, a dropped undefined-length element and an image header without Pixel Data are
+   detected here), pixel data present, allowed modality, chest body part, grayscale, single
+   frame, sane dimensions, frontal view;
 2. decode (native, RLE, JPEG baseline/lossless, JPEG-LS, JPEG 2000 through pylibjpeg/pyjpegls);
+   a JPEG or JPEG-LS frame without its end-of-image marker is rejected, as those decoders
+   return a partly garbage image from a cut codestream without an error;
 3. BitsStored masking (done by pydicom), Modality LUT / Rescale Slope and Intercept;
-4. VOI: the first window (LINEAR, LINEAR_EXACT or SIGMOID), else the VOI LUT Sequence, else a
-   0.5-99.5 percentile window;
+4. VOI: the first window (LINEAR, LINEAR_EXACT or SIGMOID), else the VOI LUT Sequence (scaled
+   by the LUT's output range), else a 0.5-99.5 percentile window;
 5. MONOCHROME1 is inverted.
 
 Anything that cannot be classified raises :class:`~dicom_covid.errors.InputRejected` with a
@@ -29,9 +33,12 @@ from typing import BinaryIO
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.uid import UID, ExplicitVRBigEndian, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
 from .config import ReaderConfig
 from .errors import InputRejected
@@ -54,6 +61,12 @@ CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "TORAX", "BRUST", "PECHO", "TORAC
 _XRAY_MODALITIES_HINT = "CR or DX (or an X-ray Secondary Capture)"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+#: Pillow modes converted before the grayscale check.
+_BITMAP_TO_GRAY = frozenset({"1", "LA", "La"})
+_BITMAP_TO_RGB = frozenset({"P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBa"})
+#: Encapsulated transfer syntaxes whose decoders (libjpeg, CharLS) return an image from a
+#: truncated codestream without raising; their frames are checked for the end-of-image marker.
+_EOI_CHECKED = frozenset(JPEGTransferSyntaxes) | frozenset(JPEGLSTransferSyntaxes)
 
 
 @dataclass(frozen=True)
@@ -158,6 +171,7 @@ def read_image(
         return _read_bitmap(data, name)
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
+        problem = _truncation(ds)
     except InvalidDicomError as exc:
         raise InputRejected(
             "not_dicom",
@@ -170,7 +184,44 @@ def read_image(
             f"{name}: the DICOM file is truncated or corrupt ({type(exc).__name__}: {exc}). "
             "Re-export or re-send the image.",
         ) from exc
+    if problem:
+        raise InputRejected(
+            "corrupt",
+            f"{name}: the DICOM file is truncated or corrupt ({problem}). "
+            "Re-export or re-send the complete image.",
+        )
     return read_dataset(ds, config=config, source=name)
+
+
+def _truncation(ds: Dataset) -> str | None:
+    """Say how a dataset read from bytes was cut short, or None when it looks complete.
+
+    pydicom reads a cut file without raising: a defined-length element keeps the bytes that were
+    there, and an undefined-length one (encapsulated Pixel Data, sequences) is dropped with only
+    a warning, as is a final element header cut short. So: look for short elements, then for an
+    image (or any object) whose header stops before its Pixel Data.
+    """
+    for dataset in (getattr(ds, "file_meta", None), ds):
+        if dataset is None:
+            continue
+        for elem in dataset.elements():
+            if (
+                isinstance(elem, RawDataElement)
+                and elem.value is not None
+                and elem.length != 0xFFFFFFFF
+                and len(elem.value) < elem.length
+            ):
+                return f"element {elem.tag} holds {len(elem.value)} of its {elem.length} bytes"
+    if len(ds) == 0:
+        return "no data elements after the file meta information"
+    if "PixelData" not in ds:
+        if "SOPClassUID" not in ds:  # type 1 in every IOD: the file stops before it
+            return "the file ends before the SOP Class UID"
+        meta = getattr(ds, "file_meta", None) or Dataset()
+        classes = (ds.SOPClassUID, meta.get("MediaStorageSOPClassUID"))
+        if "Rows" in ds or any("Image Storage" in str(getattr(c, "name", "")) for c in classes):
+            return "the header describes an image but the file ends before its Pixel Data"
+    return None
 
 
 def read_dataset(
@@ -200,13 +251,14 @@ def read_dataset(
     _check_header(ds, config, source)
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts_name = ts.name if ts is not None else None
+    _check_codestream_end(ds, ts, source)
     try:
         raw = ds.pixel_array
     except Exception as exc:
         hint = (
             "Install the decoders (pip install pylibjpeg pylibjpeg-openjpeg pylibjpeg-libjpeg "
             "pyjpegls) or send the image uncompressed."
-            if "decod" in str(exc).lower() or "plugin" in str(exc).lower()
+            if _decoder_missing(ts)
             else "The pixel data is damaged or does not match Rows/Columns/BitsAllocated; "
             "re-export or re-send the image."
         )
@@ -244,21 +296,55 @@ def read_dataset(
     )
 
 
+def _decoder_missing(ts: UID | None) -> bool:
+    """True when ``ts`` is compressed and no installed pydicom plugin can decode it."""
+    if ts is None or not ts.is_compressed:
+        return False
+    try:
+        return not get_decoder(ts).is_available
+    except NotImplementedError:
+        return True
+
+
+def _check_codestream_end(ds: Dataset, ts: UID | None, source: str) -> None:
+    """Reject a JPEG / JPEG-LS frame cut short (its decoders return garbage without an error)."""
+    if ts is None or ts not in _EOI_CHECKED or "PixelData" not in ds:
+        return
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except Exception as exc:
+        raise InputRejected(
+            "decode_failed",
+            f"{source}: the encapsulated pixel data cannot be split into frames "
+            f"({type(exc).__name__}: {exc}). Re-export or re-send the image.",
+        ) from exc
+    # EOI (FFD9) cannot occur inside entropy-coded data; allow a few bytes of padding after it.
+    if b"\xff\xd9" not in frame[-16:]:
+        raise InputRejected(
+            "decode_failed",
+            f"{source}: the {ts.name} codestream has no end-of-image marker, so the compressed "
+            "pixel data is truncated. Re-send the complete image.",
+        )
+
+
 def _check_header(ds: Dataset, config: ReaderConfig, source: str) -> None:
     """Raise InputRejected for anything that is not a frontal grayscale chest radiograph."""
+    # Pixel Data first: a report, presentation state or key-object note (SR, PR, KO modalities)
+    # is "not an image", which says more than "wrong modality".
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise InputRejected(
+            "no_pixel_data",
+            f"{source}: the dataset has no Pixel Data (SOP class "
+            f"{getattr(ds.get('SOPClassUID'), 'name', 'unknown')}). Send the image itself, "
+            "not a report or presentation state; if it is an image, the file is incomplete: "
+            "re-send it.",
+        )
     modality = str(ds.get("Modality", "")).upper()
     if modality not in config.allowed_modalities:
         raise InputRejected(
             "wrong_modality",
             f"{source}: Modality is {modality!r}; only {_XRAY_MODALITIES_HINT} chest radiographs "
             "are classified. Send a chest X-ray.",
-        )
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise InputRejected(
-            "no_pixel_data",
-            f"{source}: the dataset has no Pixel Data (SOP class "
-            f"{getattr(ds.get('SOPClassUID'), 'name', 'unknown')}). Send the image itself, "
-            "not a report or presentation state.",
         )
     body_part = str(ds.get("BodyPartExamined", "")).upper().strip()
     if config.check_body_part and body_part and not any(p in body_part for p in CHEST_BODY_PARTS):
@@ -273,7 +359,8 @@ def _check_header(ds: Dataset, config: ReaderConfig, source: str) -> None:
         raise InputRejected(
             "colour",
             f"{source}: the image is colour ({photometric or 'unknown'}, {samples} samples per "
-            "pixel); only grayscale (MONOCHROME1/2) radiographs are classified.",
+            "pixel); only grayscale (MONOCHROME1/2) radiographs are classified. Send the "
+            "grayscale original from the modality.",
         )
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
@@ -286,7 +373,8 @@ def _check_header(ds: Dataset, config: ReaderConfig, source: str) -> None:
     if rows is None or cols is None:
         raise InputRejected(
             "bad_dimensions",
-            f"{source}: Rows/Columns are missing, so the pixel data cannot be read.",
+            f"{source}: Rows/Columns are missing, so the pixel data cannot be read. "
+            "Re-export the image with a complete header.",
         )
     rows, cols = int(rows), int(cols)
     lo, hi = config.min_size, config.max_size
@@ -328,14 +416,46 @@ def _apply_voi(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
             else:
                 out = (arr - (c - 0.5)) / (w - 1.0) + 0.5
             return np.clip(out, 0.0, 1.0), "window"
-    if "VOILUTSequence" in ds:
-        out = np.asarray(apply_voi_lut(arr, ds, index=0), dtype=np.float64)
-        lo, hi = float(out.min()), float(out.max())
-        return ((out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)), "voi_lut"
+    out = _voi_lut(arr, ds)
+    if out is not None:
+        return out, "voi_lut"
     lo, hi = np.percentile(arr, [0.5, 99.5])
     if hi <= lo:
         hi = lo + 1.0
     return np.clip((arr - lo) / (hi - lo), 0.0, 1.0), "percentile"
+
+
+def _voi_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Apply the first VOI LUT Sequence item, scaled by its output range; None when absent.
+
+    Done here rather than with ``pydicom.pixels.apply_voi_lut``, which indexes through an
+    array of the LUT's output type (so an 8-bit LUT with more than 256 entries wraps) and warns
+    on the float input that Rescale Slope/Intercept produce. The output is scaled by the LUT's
+    own minimum and maximum (not the image's), so the grey levels are the ones a viewer shows.
+    """
+    sequence = ds.get("VOILUTSequence")
+    if not sequence:
+        return None
+    item = sequence[0]
+    descriptor, data = item.get("LUTDescriptor"), item.get("LUTData")
+    if descriptor is None or data is None or len(descriptor) != 3:
+        return None
+    entries = int(descriptor[0]) or 65536
+    first = int(descriptor[1])
+    if isinstance(data, bytes | bytearray):  # OW: 16-bit words in the dataset's byte order
+        big = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) == (
+            ExplicitVRBigEndian
+        )
+        lut = np.frombuffer(bytes(data[: len(data) // 2 * 2]), dtype=">u2" if big else "<u2")
+    else:
+        lut = np.atleast_1d(np.asarray(data))
+    lut = lut[:entries].astype(np.float64)
+    if lut.size == 0:
+        return None
+    index = np.clip(np.rint(arr) - first, 0, lut.size - 1).astype(np.int64)
+    lo, hi = float(lut.min()), float(lut.max())
+    out = lut[index]
+    return (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
 
 
 def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
@@ -359,7 +479,12 @@ def _read_bitmap(data: bytes, name: str) -> XrayImage:
             img.load()
             fmt = (img.format or "").lower()
             mode = img.mode
-            arr = np.asarray(img)
+            if mode in _BITMAP_TO_GRAY:  # bilevel, gray + alpha: drop to plain gray
+                arr = np.asarray(img.convert("L"))
+            elif mode in _BITMAP_TO_RGB:  # palette, CMYK, ...: judged as RGB below
+                arr = np.asarray(img.convert("RGB"))
+            else:
+                arr = np.asarray(img)
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise InputRejected(
             "corrupt", f"{name}: the PNG/JPEG is truncated or corrupt ({exc}). Re-export it."
@@ -371,7 +496,8 @@ def _read_bitmap(data: bytes, name: str) -> XrayImage:
         ):
             raise InputRejected(
                 "colour",
-                f"{name}: the image is colour ({mode}); only grayscale radiographs are classified.",
+                f"{name}: the image is colour ({mode}); only grayscale radiographs are classified. "
+                "Export the radiograph as a grayscale image.",
             )
         arr = arr[..., 0]
     if arr.dtype == np.uint8:
@@ -379,7 +505,7 @@ def _read_bitmap(data: bytes, name: str) -> XrayImage:
         voi = "8bit"
     else:
         arr = arr.astype(np.float64)
-        maximum = 65535.0 if arr.max() > 255 else 255.0
+        maximum = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
         pixels = (arr / maximum).astype(np.float32)
         voi = "16bit" if maximum > 255 else "8bit"
     rows, cols = pixels.shape
@@ -390,6 +516,9 @@ def _read_bitmap(data: bytes, name: str) -> XrayImage:
             "with an aspect ratio under 4:1.",
         )
     return XrayImage(
-        pixels=np.ascontiguousarray(pixels), source=name, format="jpeg" if fmt == "jpeg" else fmt,
-        voi=voi, bits_stored=8 if voi == "8bit" else 16,
+        pixels=np.ascontiguousarray(pixels),
+        source=name,
+        format="jpeg" if fmt == "jpeg" else fmt,
+        voi=voi,
+        bits_stored=8 if voi == "8bit" else 16,
     )

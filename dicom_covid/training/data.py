@@ -51,8 +51,9 @@ class ManifestRow:
         return LABELS.index(self.label)
 
 
-def read_manifest(data_dir: str | Path, split: str | None = None,
-                  labels: Sequence[str] = LABELS) -> list[ManifestRow]:
+def read_manifest(
+    data_dir: str | Path, split: str | None = None, labels: Sequence[str] = LABELS
+) -> list[ManifestRow]:
     """Read ``manifest.csv`` of a data folder.
 
     Parameters
@@ -97,10 +98,15 @@ def read_manifest(data_dir: str | Path, split: str | None = None,
                 )
             if split and "split" in columns and rec.get("split") != split:
                 continue
-            rows.append(ManifestRow(
-                path=data_dir / rec["path"], label=label, split=rec.get("split", "") or "",
-                source=rec.get("source", "") or "", extra=dict(rec),
-            ))
+            rows.append(
+                ManifestRow(
+                    path=data_dir / rec["path"],
+                    label=label,
+                    split=rec.get("split", "") or "",
+                    source=rec.get("source", "") or "",
+                    extra=dict(rec),
+                )
+            )
     if not rows:
         raise DataError(f"{manifest}: no rows for split {split!r}.")
     return rows
@@ -109,7 +115,8 @@ def read_manifest(data_dir: str | Path, split: str | None = None,
 class CachedImageDataset(Dataset):
     """Images read once with the project reader, resized to the network input, kept in memory.
 
-    The cache holds ``(1, S, S)`` float16 tensors after :class:`~dicom_covid.transforms.ResizeSquare`
+    The cache holds ``(1, S, S)`` float16 tensors after
+    :class:`~dicom_covid.transforms.ResizeSquare`
     (the shared preprocessing path); augmentation (training) and normalisation are applied per
     item.
 
@@ -126,9 +133,15 @@ class CachedImageDataset(Dataset):
         Show a progress bar while caching.
     """
 
-    def __init__(self, rows: Sequence[ManifestRow], size: int, mean: Sequence[float],
-                 std: Sequence[float], augment: ChestAugment | None = None,
-                 progress: bool = True) -> None:
+    def __init__(
+        self,
+        rows: Sequence[ManifestRow],
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: ChestAugment | None = None,
+        progress: bool = True,
+    ) -> None:
         self.rows = list(rows)
         self.size = size
         self.augment = augment
@@ -136,8 +149,15 @@ class CachedImageDataset(Dataset):
         resize = ResizeSquare(size)
         self.images = torch.empty((len(self.rows), 1, size, size), dtype=torch.float16)
         self.targets = torch.tensor([r.label_index for r in self.rows], dtype=torch.long)
-        for i, row in enumerate(tqdm(self.rows, desc=f"reading images ({size}px)",
-                                     disable=not progress, unit="img", leave=False)):
+        for i, row in enumerate(
+            tqdm(
+                self.rows,
+                desc=f"reading images ({size}px)",
+                disable=not progress,
+                unit="img",
+                leave=False,
+            )
+        ):
             try:
                 img = read_image(row.path)
             except InputRejected as exc:
@@ -158,7 +178,9 @@ class CachedImageDataset(Dataset):
         return np.bincount(self.targets.numpy(), minlength=len(LABELS))
 
 
-def subsample(rows: Sequence[ManifestRow], max_per_class: int | None, seed: int) -> list[ManifestRow]:
+def subsample(
+    rows: Sequence[ManifestRow], max_per_class: int | None, seed: int
+) -> list[ManifestRow]:
     """Keep at most ``max_per_class`` rows per label, stratified by source, chosen with ``seed``."""
     if not max_per_class:
         return list(rows)

@@ -140,8 +140,13 @@ def _json_default(value: object) -> object:
 
 
 @torch.no_grad()
-def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device,
-                   progress: bool = False, desc: str = "validating") -> tuple[np.ndarray, np.ndarray]:
+def predict_loader(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    progress: bool = False,
+    desc: str = "validating",
+) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities and targets of every item of ``loader``."""
     model.eval()
     probs, targets = [], []
@@ -196,23 +201,44 @@ def train(cfg: TrainConfig) -> TrainResult:
     val_ds = CachedImageDataset(val_rows, size, spec.mean, spec.std, None, progress=show)
 
     counts = train_ds.class_counts().astype(np.float64)
-    class_weight = torch.tensor(counts.sum() / (len(LABELS) * np.maximum(counts, 1)),
-                                dtype=torch.float32, device=device)
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True) if distributed else None
+    class_weight = torch.tensor(
+        counts.sum() / (len(LABELS) * np.maximum(counts, 1)), dtype=torch.float32, device=device
+    )
+    sampler = (
+        DistributedSampler(
+            train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
+        if distributed
+        else None
+    )
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None,
-                              sampler=sampler, drop_last=True, num_workers=cfg.num_workers,
-                              generator=gen, pin_memory=use_cuda)
-    val_loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 32), shuffle=False,
-                            num_workers=cfg.num_workers)
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        generator=gen,
+        pin_memory=use_cuda,
+    )
+    val_loader = DataLoader(
+        val_ds, batch_size=max(cfg.batch_size, 32), shuffle=False, num_workers=cfg.num_workers
+    )
 
-    model = build_model(cfg.backbone, len(LABELS), imagenet=cfg.imagenet and spec.imagenet_init
-                        is not None, init_checkpoint=cfg.init_checkpoint).to(device)
+    model = build_model(
+        cfg.backbone,
+        len(LABELS),
+        imagenet=cfg.imagenet and spec.imagenet_init is not None,
+        init_checkpoint=cfg.init_checkpoint,
+    ).to(device)
     # channels_last speeds up convolutions on both oneDNN (CPU, ~1.7x here) and cuDNN.
     model = model.to(memory_format=torch.channels_last)
-    net = nn.parallel.DistributedDataParallel(
-        model, device_ids=[local_rank] if use_cuda else None) if distributed else model
+    net = (
+        nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
+        if distributed
+        else model
+    )
 
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
@@ -245,8 +271,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         gen.manual_seed(cfg.seed + start_epoch)
         augment.generator.manual_seed(cfg.seed + rank + 1000 * start_epoch)
         if is_main:
-            logger.info("resumed from %s at epoch %d (best val AUC %.4f at epoch %d)",
-                        last_path, start_epoch, best_auc, best_epoch)
+            logger.info(
+                "resumed from %s at epoch %d (best val AUC %.4f at epoch %d)",
+                last_path,
+                start_epoch,
+                best_auc,
+                best_epoch,
+            )
 
     stopped_early = False
     epoch = start_epoch - 1
@@ -255,8 +286,13 @@ def train(cfg: TrainConfig) -> TrainResult:
             sampler.set_epoch(epoch)
         net.train()
         t0, running, seen = time.time(), 0.0, 0
-        bar = tqdm(total=steps_per_epoch, desc=f"{cfg.backbone} epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not show, unit="step", leave=False)
+        bar = tqdm(
+            total=steps_per_epoch,
+            desc=f"{cfg.backbone} epoch {epoch + 1}/{cfg.epochs}",
+            disable=not show,
+            unit="step",
+            leave=False,
+        )
         for step, (x, y) in enumerate(train_loader):
             if step >= steps_per_epoch:
                 break
@@ -286,22 +322,41 @@ def train(cfg: TrainConfig) -> TrainResult:
                 best_auc, best_epoch, bad_epochs = auc, epoch, 0
             else:
                 bad_epochs += 1
-            record = {"epoch": epoch, "train_loss": running / max(seen, 1), "val_macro_auc": auc,
-                      "val_accuracy": acc, "train_seconds": round(train_seconds, 1),
-                      "lr": scheduler.get_last_lr()[0]}
+            record = {
+                "epoch": epoch,
+                "train_loss": running / max(seen, 1),
+                "val_macro_auc": auc,
+                "val_accuracy": acc,
+                "train_seconds": round(train_seconds, 1),
+                "lr": scheduler.get_last_lr()[0],
+            }
             history.append(record)
-            logger.info("epoch %d: loss %.4f, val macro AUC %.4f, val acc %.4f, %.0fs%s",
-                        epoch + 1, record["train_loss"], auc, acc, train_seconds,
-                        " (best)" if improved else "")
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best_auc": best_auc,
-                     "best_epoch": best_epoch, "bad_epochs": bad_epochs, "history": history,
-                     "torch_rng": torch.get_rng_state(),
-                     "config": json.loads(json.dumps(asdict(cfg), default=_json_default))}
+            logger.info(
+                "epoch %d: loss %.4f, val macro AUC %.4f, val acc %.4f, %.0fs%s",
+                epoch + 1,
+                record["train_loss"],
+                auc,
+                acc,
+                train_seconds,
+                " (best)" if improved else "",
+            )
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "best_auc": best_auc,
+                "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs,
+                "history": history,
+                "torch_rng": torch.get_rng_state(),
+                "config": json.loads(json.dumps(asdict(cfg), default=_json_default)),
+            }
             _atomic_save(state, last_path)
             if improved:
-                _atomic_save({"model": model.state_dict(), "epoch": epoch, "val_macro_auc": auc},
-                             best_path)
+                _atomic_save(
+                    {"model": model.state_dict(), "epoch": epoch, "val_macro_auc": auc}, best_path
+                )
             (out / "history.json").write_text(json.dumps(history, indent=2))
             if bad_epochs >= cfg.patience:
                 stop[0] = 1
@@ -318,8 +373,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
-    return TrainResult(out, best_epoch + 1, best_auc, epoch + 1, stopped_early,
-                       time.time() - start)
+    return TrainResult(out, best_epoch + 1, best_auc, epoch + 1, stopped_early, time.time() - start)
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -328,8 +382,14 @@ def _atomic_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def export_run(cfg: TrainConfig, out: Path, size: int, val_loader: DataLoader,
-               device: torch.device, history: list[dict]) -> None:
+def export_run(
+    cfg: TrainConfig,
+    out: Path,
+    size: int,
+    val_loader: DataLoader,
+    device: torch.device,
+    history: list[dict],
+) -> None:
     """Write ``model.safetensors`` (fp16, best epoch) and ``model.json`` for a run."""
     from safetensors.torch import save_file
 
@@ -342,8 +402,9 @@ def export_run(cfg: TrainConfig, out: Path, size: int, val_loader: DataLoader,
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()})
     probs, targets = predict_loader(model, val_loader, device)
-    threshold = choose_threshold((targets == LABELS.index("covid")).astype(int),
-                                 probs[:, LABELS.index("covid")])
+    threshold = choose_threshold(
+        (targets == LABELS.index("covid")).astype(int), probs[:, LABELS.index("covid")]
+    )
     save_file({k: v.contiguous().cpu() for k, v in half.items()}, str(out / "model.safetensors"))
     facts = {
         "backbone": cfg.backbone,
@@ -363,5 +424,9 @@ def export_run(cfg: TrainConfig, out: Path, size: int, val_loader: DataLoader,
         "parameters": int(sum(p.numel() for p in model.parameters())),
     }
     (out / "model.json").write_text(json.dumps(facts, indent=2))
-    logger.info("exported %s (val macro AUC %.4f, COVID threshold %.3f)",
-                out / "model.safetensors", facts["val_macro_auc"], threshold)
+    logger.info(
+        "exported %s (val macro AUC %.4f, COVID threshold %.3f)",
+        out / "model.safetensors",
+        facts["val_macro_auc"],
+        threshold,
+    )

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Idempotent set-up of a fresh Debian machine for dicom-covid:
+#   - Debian packages: Orthanc (+ DICOMweb, GDCM), dcmtk, dicom3tools (only when missing);
+#   - a Python 3.11 virtual environment in .venv with dicom-covid installed editable
+#     (re-installed only when pyproject.toml changed).
+# Usage: bash deploy/setup.sh            (safe to run repeatedly)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(orthanc orthanc-dicomweb orthanc-gdcm dcmtk dicom3tools)
+missing=()
+for pkg in "${APT_PACKAGES[@]}" ${EXTRA_APT_PACKAGES:-}; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[setup] installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# The Debian package starts a system Orthanc where it can; dicom-covid runs its own instances.
+
+PYTHON=${PYTHON:-python3.11}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $PYTHON"
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.dicom-covid-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[setup] installing dicom-covid and its dependencies into .venv (torch is ~6 GB the first time)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  echo "$want" > "$stamp"
+fi
+echo "[setup] ready: $(.venv/bin/dicom-covid --help >/dev/null && echo 'dicom-covid installed')"

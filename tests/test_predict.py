@@ -1,0 +1,75 @@
+"""``dicom-covid predict`` with the bundle's default model on the committed sample DICOMs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from pydicom.data import get_testdata_file
+from typer.testing import CliRunner
+
+from dicom_covid.bundle import Bundle
+from dicom_covid.cli.main import app
+from dicom_covid.inference import DISCLAIMER, Predictor
+
+runner = CliRunner()
+
+
+def test_default_bundle_has_a_trained_default_model() -> None:
+    bundle = Bundle()
+    assert bundle.default_model in bundle.available()
+    facts = bundle.facts()
+    assert facts.labels == ("covid", "normal", "pneumonia")
+    assert 0.0 < facts.covid_threshold < 1.0
+
+
+def test_predict_samples_json(sample_dir: Path) -> None:
+    files = sorted(sample_dir.glob("*.dcm"))
+    assert len(files) >= 5
+    result = runner.invoke(app, ["predict", "--json", str(sample_dir)])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["disclaimer"] == DISCLAIMER
+    assert out["rejected"] == []
+    assert len(out["results"]) == len(files)
+    scores = []
+    for r in out["results"]:
+        probs = r["probabilities"]
+        assert set(probs) == {"covid", "normal", "pneumonia"}
+        assert abs(sum(probs.values()) - 1.0) < 1e-4
+        assert r["decision"] in ("COVID-19 suspected", "COVID-19 not suspected")
+        assert r["covid_suspected"] == (r["covid_score"] >= r["covid_threshold"])
+        scores.append([probs["covid"], probs["normal"], probs["pneumonia"]])
+    # Every sample is the same radiograph in another encoding: the model must agree with itself.
+    scores = np.array(scores)
+    assert np.ptp(scores, axis=0).max() < 0.05, scores
+
+
+def test_predict_table_and_rejections(sample_dir: Path, tmp_path: Path) -> None:
+    good = next(iter(sorted(sample_dir.glob("*.dcm"))))
+    shutil.copy(good, tmp_path / "good.dcm")
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "ct.dcm")
+    (tmp_path / "notes.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    result = runner.invoke(app, ["predict", str(tmp_path)])
+    assert result.exit_code == 2, "a rejected input makes the exit status non-zero"
+    assert "good.dcm" in result.stdout and "COVID-19" in result.stdout
+    assert "REJECTED (wrong_modality)" in result.stdout
+    assert "REJECTED (corrupt)" in result.stdout
+    assert DISCLAIMER in result.stdout
+
+
+def test_predict_unknown_model_is_a_clear_error(sample_dir: Path) -> None:
+    result = runner.invoke(app, ["predict", "--model", "nope", str(sample_dir)])
+    assert result.exit_code == 1
+    assert "not in the bundle" in result.output
+
+
+def test_predictor_api_matches_cli(sample_dir: Path) -> None:
+    good = sorted(sample_dir.glob("*.dcm"))[0]
+    pred = Predictor().predict_path(good)
+    result = runner.invoke(app, ["predict", "--json", str(good)])
+    cli = json.loads(result.stdout)["results"][0]
+    for label, p in pred.probabilities.items():
+        assert abs(cli["probabilities"][label] - p) < 1e-6
