@@ -279,9 +279,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 best_epoch,
             )
 
-    stopped_early = False
+    # A run that had already stopped early stays stopped when resumed.
+    stopped_early = bad_epochs >= cfg.patience
     epoch = start_epoch - 1
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs if not stopped_early else start_epoch):
         if sampler is not None:
             sampler.set_epoch(epoch)
         net.train()

@@ -1,0 +1,301 @@
+"""The Secondary Capture holding the Grad-CAM heat map of one image.
+
+An RGB image at the source's resolution: the radiograph in gray with the heat map in a jet
+colour map (see :func:`dicom_covid.explain.overlay`), and burned-in text on translucent bands:
+
+* top: ``NOT FOR DIAGNOSTIC USE - RESEARCH ONLY`` and the decision with P(COVID-19) and the
+  threshold;
+* bottom: software, model and bundle version, and what the colours mean.
+
+The text is drawn with DejaVu Sans Bold (shipped with matplotlib, a dependency), sized to the
+image (about 1/30 of its short side, shrunk to fit the width). Burned In Annotation is YES,
+Image Type DERIVED\\SECONDARY, and the Source Image Sequence references the radiograph. The
+instance is in its own series of the source's study, with patient and study copied from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as pydicom_codes
+from pydicom.uid import ExplicitVRLittleEndian
+
+from ..errors import ResultEncodingError
+from .common import (
+    DISCLAIMER,
+    MANUFACTURER,
+    SC_SERIES_DESCRIPTION,
+    SC_SERIES_NUMBER,
+    ModelIdentity,
+    derived_uid,
+    instance_number,
+    now_date_time,
+    source_header,
+    valid_spacing,
+)
+
+if TYPE_CHECKING:
+    from ..inference import Prediction
+    from ..reader import XrayImage
+
+__all__ = ["BANNER", "build_heatmap_sc", "render_heatmap"]
+
+logger = logging.getLogger(__name__)
+
+#: First burned-in line of every Secondary Capture.
+BANNER = "NOT FOR DIAGNOSTIC USE - RESEARCH ONLY"
+_ORIENTATION_LETTERS = set("APLRHF")
+
+
+@lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans Bold at ``size`` px (matplotlib's copy), else Pillow's scalable default."""
+    try:
+        import matplotlib
+
+        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans-Bold.ttf"
+        return ImageFont.truetype(str(path), size)
+    except (ImportError, OSError):
+        logger.debug("DejaVuSans-Bold.ttf not found; using Pillow's default font")
+        return ImageFont.load_default(size=size)
+
+
+def _fit_font(draw: ImageDraw.ImageDraw, lines: list[str], width: int, short_side: int):
+    size = max(12, round(short_side / 30))
+    while True:
+        font = _font(size)
+        widest = max(draw.textlength(line, font=font) for line in lines)
+        if widest <= 0.96 * width or size <= 10:
+            return font, size
+        size = max(10, int(size * 0.96 * width / widest))
+
+
+def _draw_band(
+    base: Image.Image, lines: list[tuple[str, tuple[int, int, int]]], top: bool, font, size: int
+) -> None:
+    pad = max(4, size // 3)
+    line_h = round(size * 1.25)
+    band_h = 2 * pad + line_h * len(lines)
+    w, h = base.size
+    y0 = 0 if top else h - band_h
+    shade = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    ImageDraw.Draw(shade).rectangle([0, y0, w, y0 + band_h], fill=(0, 0, 0, 170))
+    base.alpha_composite(shade)
+    draw = ImageDraw.Draw(base)
+    for i, (text, colour) in enumerate(lines):
+        draw.text(
+            (pad, y0 + pad + i * line_h),
+            text,
+            font=font,
+            fill=(*colour, 255),
+            stroke_width=max(1, size // 16),
+            stroke_fill=(0, 0, 0, 255),
+        )
+
+
+def render_heatmap(
+    image: XrayImage,
+    prediction: Prediction,
+    heatmap: np.ndarray,
+    method: str = "gradcam",
+    alpha: float = 0.45,
+) -> np.ndarray:
+    """The RGB picture of the Secondary Capture: overlay plus burned-in text.
+
+    Parameters
+    ----------
+    image : XrayImage
+        The radiograph (its pixels set the resolution).
+    prediction : Prediction
+        The prediction explained.
+    heatmap : numpy.ndarray
+        ``(H, W)`` heat map in ``[0, 1]``, same shape as ``image.pixels``.
+    method : str
+        CAM method name, printed in the text.
+    alpha : float
+        Largest opacity of the colour map.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8 (H, W, 3)``.
+    """
+    from ..explain import overlay
+
+    rgb = overlay(image, heatmap, alpha=alpha)
+    identity = ModelIdentity.from_prediction(prediction)
+    h, w = rgb.shape[:2]
+    decision = (
+        "AI: COVID-19 SUSPECTED" if prediction.covid_suspected else "AI: COVID-19 not suspected"
+    )
+    top = [
+        (BANNER, (255, 235, 59)),
+        (
+            f"{decision} - P(COVID-19) {100 * prediction.covid_score:.1f}% "
+            f"(threshold {100 * prediction.covid_threshold:.1f}%)",
+            (255, 120, 100) if prediction.covid_suspected else (255, 255, 255),
+        ),
+    ]
+    label = (
+        "Grad-CAM++" if method == "gradcam++" else ("Grad-CAM" if method == "gradcam" else method)
+    )
+    bottom = [
+        (f"{label} of P(COVID-19): red = most influential region", (255, 255, 255)),
+        (identity.short, (255, 255, 255)),
+    ]
+    base = Image.fromarray(rgb, "RGB").convert("RGBA")
+    draw = ImageDraw.Draw(base)
+    font, size = _fit_font(draw, [t for t, _ in top + bottom], w, min(h, w))
+    _draw_band(base, top, True, font, size)
+    _draw_band(base, bottom, False, font, size)
+    return np.ascontiguousarray(np.asarray(base.convert("RGB"), dtype=np.uint8))
+
+
+def _orientation(header: Dataset) -> tuple[str, str] | None:
+    value = header.get("PatientOrientation")
+    if value is None or isinstance(value, str) or len(value) != 2:
+        return None
+    row, col = str(value[0]), str(value[1])
+    if row in _ORIENTATION_LETTERS and col in _ORIENTATION_LETTERS:
+        return row, col
+    return None
+
+
+def build_heatmap_sc(
+    source: Dataset,
+    image: XrayImage,
+    prediction: Prediction,
+    heatmap: np.ndarray,
+    *,
+    method: str = "gradcam",
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    series_number: int = SC_SERIES_NUMBER,
+) -> hd.sc.SCImage:
+    """Build the RGB Secondary Capture of the heat map over the source image.
+
+    Parameters
+    ----------
+    source : pydicom.dataset.Dataset
+        The analysed image; patient and study are copied from it and it is referenced as the
+        source image.
+    image : XrayImage
+        The same image as read by :func:`dicom_covid.reader.read_dataset`.
+    prediction : Prediction
+        The prediction explained.
+    heatmap : numpy.ndarray
+        ``(rows, columns)`` heat map in ``[0, 1]`` at the source's resolution.
+    method : str
+        CAM method that made the heat map (``"gradcam"``, ``"gradcam++"``, ...).
+    series_instance_uid, sop_instance_uid : str, optional
+        UIDs; by default derived deterministically from the study / source image, the model
+        and the method.
+    series_number : int
+        Series Number (default :data:`~dicom_covid.results.common.SC_SERIES_NUMBER`).
+
+    Returns
+    -------
+    highdicom.sc.SCImage
+
+    Raises
+    ------
+    ResultEncodingError
+        When the heat map does not match the source, or highdicom refuses the object.
+    """
+    header = source_header(source)
+    rows, cols = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
+    heat = np.asarray(heatmap)
+    if heat.shape != (rows, cols) or image.shape != (rows, cols):
+        raise ResultEncodingError(
+            f"heat map {heat.shape} and image {image.shape} must both have the source's "
+            f"{rows}x{cols} pixels; compute the heat map with Explainer.heatmap on this image."
+        )
+    identity = ModelIdentity.from_prediction(prediction)
+    study_uid, src_uid = str(header.StudyInstanceUID), str(header.SOPInstanceUID)
+    series_instance_uid = series_instance_uid or derived_uid(
+        "sc-series", study_uid, identity.model_name, identity.bundle_version, method
+    )
+    sop_instance_uid = sop_instance_uid or derived_uid(
+        "sc",
+        src_uid,
+        identity.model_name,
+        identity.bundle_version,
+        identity.software_version,
+        method,
+    )
+    pixels = render_heatmap(image, prediction, heat, method)
+    orientation = _orientation(header)
+    spacing = valid_spacing(header.get("PixelSpacing"))
+    date, time = now_date_time()
+    try:
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=header,
+            pixel_array=pixels,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid,
+            instance_number=instance_number(header),
+            manufacturer=MANUFACTURER,
+            pixel_spacing=tuple(spacing) if spacing else None,
+            patient_orientation=orientation or ("L", "F"),  # placeholder, emptied below
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            contributing_equipment=[
+                identity.contributing_equipment(
+                    f"Grad-CAM ({method}) heat map of P(COVID-19) over the source radiograph."
+                )
+            ],
+            series_description=SC_SERIES_DESCRIPTION,
+            manufacturer_model_name=identity.model_label,
+            software_versions=identity.software_versions,
+            series_date=date,
+            series_time=time,
+        )
+        sc.copy_patient_and_study_information(header)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise ResultEncodingError(
+            f"could not build the heat-map Secondary Capture for image {src_uid}: highdicom "
+            f"refused it ({type(exc).__name__}: {exc}). Check the source header (patient/study "
+            "attributes, UIDs); if it looks valid, report this as a bug with the message."
+        ) from exc
+    if orientation is None:
+        sc.PatientOrientation = ""  # type 2C: present, empty when unknown
+    body_part = str(header.get("BodyPartExamined", "") or "")
+    laterality = str(header.get("Laterality", "") or "")
+    if body_part:
+        sc.BodyPartExamined = body_part  # tells validators the part is unpaired (chest)
+    if laterality in ("R", "L"):
+        sc.Laterality = laterality
+    elif not body_part:
+        sc.Laterality = ""  # type 2C: unknown whether the body part is paired
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.ConversionType = "WSD"  # workstation
+    sc.BurnedInAnnotation = "YES"
+    sc.DerivationDescription = (
+        f"{method} heat map of P(COVID-19) by {identity.short}, blended over the source "
+        f"radiograph; {prediction.decision}. {DISCLAIMER}"
+    )[:1024]
+    sc.ImageComments = f"{DISCLAIMER}. {prediction.decision} (automated, unverified)."
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = header.SOPClassUID
+    ref.ReferencedSOPInstanceUID = src_uid
+    ref.PurposeOfReferenceCodeSequence = [
+        hd.sr.CodedConcept.from_code(pydicom_codes.DCM.SourceImageForImageProcessingOperation)
+    ]
+    sc.SourceImageSequence = [ref]
+    if str(header.get("LossyImageCompression", "")) == "01":
+        sc.LossyImageCompression = "01"
+        for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if keyword in header:
+                setattr(sc, keyword, header[keyword].value)
+    logger.info("built heat-map SC %s for image %s", sop_instance_uid, src_uid)
+    return sc

@@ -1,0 +1,199 @@
+"""Grad-CAM heat maps, overlay and hot-region outline (dicom_covid.explain)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import make_throwaway_bundle
+from matplotlib.path import Path as PolyPath
+from pydicom.data import get_testdata_file
+
+from dicom_covid.errors import BundleError
+from dicom_covid.explain import (
+    CAM_METHODS,
+    Explainer,
+    hot_region_outline,
+    overlay,
+    resolve_layer,
+)
+from dicom_covid.inference import Predictor
+from dicom_covid.models import BACKBONES, build_model
+from dicom_covid.reader import XrayImage, read_image
+from dicom_covid.transforms import preprocess
+
+LABELS = ("covid", "normal", "pneumonia")
+
+
+def _synthetic_xray(rows: int = 260, cols: int = 300) -> XrayImage:
+    """A smooth, non-square grayscale image (bright 'lungs' on a dark background)."""
+    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    img = 0.2 + 0.6 * np.exp(-(((x - cols * 0.3) / 50) ** 2 + ((y - rows * 0.5) / 80) ** 2))
+    img += 0.5 * np.exp(-(((x - cols * 0.7) / 45) ** 2 + ((y - rows * 0.5) / 70) ** 2))
+    return XrayImage(pixels=np.clip(img, 0, 1).astype(np.float32), source="synthetic", format="png")
+
+
+def _stub_predictor(name: str):
+    """The parts of a Predictor that Explainer uses, for a random-weight registry backbone."""
+    spec = BACKBONES[name]
+    torch.manual_seed(0)
+    model = build_model(name, len(LABELS)).eval()
+    return SimpleNamespace(
+        model=model,
+        labels=LABELS,
+        facts=SimpleNamespace(gradcam_layer=spec.gradcam_layer),
+        input_tensor=lambda image: preprocess(image.pixels, spec.input_size, spec.mean, spec.std)[
+            None
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory) -> Predictor:
+    return Predictor(make_throwaway_bundle(tmp_path_factory.mktemp("bundle")))
+
+
+@pytest.fixture(scope="module")
+def chest() -> XrayImage:
+    return read_image(get_testdata_file("RG1_UNCR.dcm"))
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_every_backbone_target_layer_gives_a_cam(name):
+    stub = _stub_predictor(name)
+    assert resolve_layer(stub.model, BACKBONES[name].gradcam_layer) is not None
+    image = _synthetic_xray()
+    explainer = Explainer(stub)
+    spreads = []
+    for target in LABELS:  # with random weights a class's CAM may be all negative (flat 0)
+        heat = explainer.heatmap(image, target=target)
+        assert heat.shape == image.shape
+        assert heat.dtype == np.float32
+        assert np.all(np.isfinite(heat))
+        assert heat.min() >= 0.0 and heat.max() <= 1.0
+        spreads.append(float(heat.max() - heat.min()))
+        if spreads[-1] > 0.5:
+            break
+    assert max(spreads) > 0.5, f"{name}: every CAM is flat ({spreads})"
+
+
+def test_heatmap_is_at_source_resolution(predictor, chest):
+    explainer = Explainer(predictor)
+    heat = explainer.heatmap(chest)
+    assert heat.shape == chest.shape == (1955, 1841)
+    assert heat.dtype == np.float32
+    assert heat.min() >= 0.0 and heat.max() <= 1.0
+    assert heat.max() > 0.5
+
+
+def test_heatmap_maps_back_with_the_square_resize_geometry(predictor, chest):
+    """Squashing the heat map back to S x S gives the network-resolution CAM again."""
+    explainer = Explainer(predictor)
+    cam = explainer.cam(chest)
+    size = predictor.facts.input_size
+    assert cam.shape == (size, size)
+    heat = explainer.heatmap(chest)
+    back = F.interpolate(torch.from_numpy(heat)[None, None], size=(size, size), mode="area")[0, 0]
+    assert np.abs(back.numpy() - cam).max() < 0.05
+    peak_cam = np.unravel_index(np.argmax(cam), cam.shape)
+    peak_heat = np.unravel_index(np.argmax(heat), heat.shape)
+    rows, cols = chest.shape
+    assert abs(peak_heat[0] / rows - (peak_cam[0] + 0.5) / size) < 2 / size
+    assert abs(peak_heat[1] / cols - (peak_cam[1] + 0.5) / size) < 2 / size
+
+
+def test_gradcam_plus_plus_and_other_targets(predictor):
+    image = _synthetic_xray()
+    for method in ("gradcam++", "layercam"):
+        heat = Explainer(predictor, method=method).heatmap(image, target="pneumonia")
+        assert heat.shape == image.shape and heat.min() >= 0 and heat.max() <= 1
+
+
+def test_gradients_reach_frozen_models(tmp_path):
+    """Inference code may freeze parameters; Grad-CAM still needs a graph."""
+    pred = Predictor(make_throwaway_bundle(tmp_path / "b"))
+    for p in pred.model.parameters():
+        p.requires_grad_(False)
+    heat = Explainer(pred).heatmap(_synthetic_xray())
+    assert heat.max() > 0
+    assert all(p.grad is None for p in pred.model.parameters())
+
+
+def test_explainer_errors(predictor):
+    with pytest.raises(ValueError, match="unknown CAM method"):
+        Explainer(predictor, method="nope")
+    with pytest.raises(ValueError, match="unknown target"):
+        Explainer(predictor).heatmap(_synthetic_xray(), target="tuberculosis")
+    with pytest.raises(BundleError, match="gradcam_layer"):
+        resolve_layer(predictor.model, "no.such.layer")
+    assert set(CAM_METHODS) >= {"gradcam", "gradcam++"}
+
+
+def _blobs(rows: int = 400, cols: int = 300) -> np.ndarray:
+    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    big = np.exp(-(((x - 90) / 40) ** 2 + ((y - 250) / 60) ** 2))
+    small = 0.9 * np.exp(-(((x - 230) / 12) ** 2 + ((y - 80) / 12) ** 2))
+    return np.maximum(big, small).astype(np.float32)
+
+
+def test_outline_surrounds_the_largest_hot_region():
+    heat = _blobs()
+    rows, cols = heat.shape
+    outline = hot_region_outline(heat, level=0.5)
+    assert outline.ndim == 2 and outline.shape[1] == 2
+    assert 4 <= len(outline) <= 65
+    assert np.array_equal(outline[0], outline[-1]), "polygon must be closed"
+    assert outline[:, 0].min() >= 0 and outline[:, 0].max() <= cols
+    assert outline[:, 1].min() >= 0 and outline[:, 1].max() <= rows
+    poly = PolyPath(outline)
+    assert poly.contains_point((90, 250)), "centre of the big blob is inside"
+    assert not poly.contains_point((230, 80)), "the smaller blob is left out"
+    # half-maximum of a Gaussian: x = 90 +- 40 * sqrt(ln 2) = 90 +- 33
+    assert 50 < outline[:, 0].max() - outline[:, 0].min() < 85
+
+
+@pytest.mark.parametrize("shape", [(1955, 1841), (64, 700)])
+def test_outline_scales_to_large_and_flat_images(shape):
+    rows, cols = shape
+    heat = np.zeros(shape, dtype=np.float32)
+    heat[rows // 4 : rows // 2, cols // 4 : cols // 2] = 1.0
+    outline = hot_region_outline(heat, max_points=16)
+    assert len(outline) <= 17
+    xs, ys = outline[:, 0], outline[:, 1]
+    tol = 1.5 * max(rows, cols) / 256 + 1  # traced on a copy at most 256 pixels a side
+    assert abs(xs.min() - cols // 4) <= tol and abs(xs.max() - cols // 2) <= tol
+    assert abs(ys.min() - rows // 4) <= tol and abs(ys.max() - rows // 2) <= tol
+
+
+def test_outline_edge_cases():
+    flat = np.zeros((50, 60), dtype=np.float32)
+    border = hot_region_outline(flat)
+    assert border.tolist() == [[0, 0], [60, 0], [60, 50], [0, 50], [0, 0]]
+    spot = np.zeros((50, 60), dtype=np.float32)
+    spot[10, 20] = 1.0
+    tiny = hot_region_outline(spot)
+    assert len(tiny) >= 4 and np.array_equal(tiny[0], tiny[-1])
+    assert PolyPath(tiny).contains_point((20.5, 10.5))
+    with pytest.raises(ValueError):
+        hot_region_outline(flat, level=0)
+    with pytest.raises(ValueError):
+        hot_region_outline(np.zeros((3, 4, 5)))
+
+
+def test_overlay_colours_hot_regions_only():
+    image = _synthetic_xray()
+    heat = np.zeros(image.shape, dtype=np.float32)
+    heat[100:150, 100:150] = 1.0
+    rgb = overlay(image, heat, alpha=0.5)
+    assert rgb.shape == (*image.shape, 3) and rgb.dtype == np.uint8
+    cold = rgb[10, 10].astype(int)
+    assert np.ptp(cold) <= 1, "cold pixels stay gray"
+    hot = rgb[125, 125].astype(int)
+    assert hot[0] > hot[2] + 40, "hottest pixels turn red"
+    with pytest.raises(ValueError):
+        overlay(image, heat[:-1])
+    with pytest.raises(ValueError):
+        overlay(image, heat, alpha=2)
