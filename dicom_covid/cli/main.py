@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 # Importing a command module registers its command on ``app``.
+from . import evaluate as _evaluate  # noqa: F401
+from . import heatmap as _heatmap  # noqa: F401
 from . import predict as _predict  # noqa: F401
+from . import retry as _retry  # noqa: F401
+from . import serve as _serve  # noqa: F401
+from . import status as _status  # noqa: F401
 from . import train as _train  # noqa: F401
+from . import tsne as _tsne  # noqa: F401
 from ._app import app
 
 # --- commands added by other modules go above this line ---

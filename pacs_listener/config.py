@@ -1,0 +1,547 @@
+"""Frozen configuration of the PACS service, passed down the call chain.
+
+Every default is documented on its attribute. Library code never reads environment variables;
+``dicom-covid serve`` builds these objects from its flags and an optional TOML file
+(:func:`load_toml` + :meth:`ServiceConfig.from_mapping`).
+
+A TOML file mirrors the objects (every key optional)::
+
+    state_dir = "/var/lib/dicom-covid"
+    quiet_period = 5.0
+    destinations = ["ORTHANC@127.0.0.1:4242"]
+    output_dir = "/srv/dicom-covid/out"        # used when there is no destination
+    model = "efficientnet_lite0"
+    bundle = "/opt/dicom-covid/monai_bundle"
+
+    [scp]
+    ae_title = "DICOMCOVID"
+    host = "127.0.0.1"
+    port = 11112
+    allowed_callers = ["ORTHANC", "PACS@10.0.0.5"]
+    maximum_associations = 8
+    maximum_pdu_size = 65536
+    min_free_bytes = 536870912
+
+    [tls]                                     # optional: DICOM TLS on both SCP and SCU
+    cert = "server.crt"
+    key = "server.key"
+    ca = "ca.crt"
+
+    [retry]
+    base_delay = 5.0
+    max_delay = 600.0
+    max_tries = 10
+
+    [worker]
+    max_job_attempts = 3
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from dicom_covid.errors import DicomCovidError
+
+__all__ = [
+    "DEFAULT_AE_TITLE",
+    "DEFAULT_PORT",
+    "OWN_MARKER",
+    "AllowedCaller",
+    "ConfigError",
+    "Destination",
+    "RetryPolicy",
+    "ScpConfig",
+    "SenderConfig",
+    "ServiceConfig",
+    "TlsConfig",
+    "WorkerConfig",
+    "load_toml",
+]
+
+#: AE title the service answers to (and calls destinations with) unless told otherwise.
+DEFAULT_AE_TITLE = "DICOMCOVID"
+#: Default DICOM port of the service (the registered DICOM port 104 needs root).
+DEFAULT_PORT = 11112
+#: Prefix of the Manufacturer (``dicom-covid developers``) and Contributing Equipment Manufacturer
+#: of every object dicom-covid produces; recognises our own results when a PACS forwards them
+#: back (next to the result SOP Instance UIDs the job store keeps).
+OWN_MARKER = "dicom-covid"
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII except backslash
+
+
+class ConfigError(DicomCovidError):
+    """A service setting is malformed (bad ``AE@host:port``, negative delay, ...)."""
+
+
+def _check_ae(ae: str, what: str) -> str:
+    ae = ae.strip()
+    if not ae or not _AE_RE.match(ae):
+        raise ConfigError(
+            f"{what}: {ae!r} is not a valid AE title; use 1-16 printable ASCII characters "
+            "without backslash, e.g. DICOMCOVID."
+        )
+    return ae
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM node results are sent to (C-STORE SCU).
+
+    Attributes
+    ----------
+    ae_title : str
+        Called AE title of the destination.
+    host : str
+        Host name or IP address.
+    port : int
+        DICOM port.
+    """
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        """Parse ``AE@host:port`` (IPv6 hosts in brackets: ``AE@[::1]:104``).
+
+        Raises
+        ------
+        ConfigError
+            When the text does not have that form.
+        """
+        m = re.match(
+            r"^(?P<ae>[^@]+)@(?:\[(?P<h6>[^\]]+)\]|(?P<h>[^:\[\]]+)):(?P<port>\d+)$", text.strip()
+        )
+        if not m:
+            raise ConfigError(
+                f"destination {text!r} is not of the form AE@host:port, e.g. "
+                "ORTHANC@127.0.0.1:4242."
+            )
+        port = int(m["port"])
+        if not 0 < port < 65536:
+            raise ConfigError(f"destination {text!r}: port {port} is outside 1-65535.")
+        return cls(_check_ae(m["ae"], "destination"), m["h6"] or m["h"], port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class AllowedCaller:
+    """A calling AE allowed to associate, optionally only from one host.
+
+    Attributes
+    ----------
+    ae_title : str
+        Calling AE title.
+    host : str or None
+        When set, the association must come from this IP address (compared with the peer
+        address as given by the socket, so write an IP, not a host name).
+    """
+
+    ae_title: str
+    host: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedCaller:
+        """Parse ``AE`` or ``AE@ip``."""
+        ae, _, host = text.strip().partition("@")
+        host = host.strip("[]") or None
+        return cls(_check_ae(ae, "allowed caller"), host)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}" if self.host else self.ae_title
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """DICOM TLS (PS3.15 Annex B) for the SCP and, with the same identity, the SCU.
+
+    Attributes
+    ----------
+    cert : pathlib.Path
+        PEM certificate chain of this node.
+    key : pathlib.Path
+        PEM private key of ``cert`` (keep it mode 0600).
+    ca : pathlib.Path or None
+        PEM CA bundle that peers' certificates must chain to. When set, the SCP requires and
+        verifies client certificates (mutual TLS) and the SCU verifies the destination's
+        certificate and host name. Default None: no client certificates are asked for and the SCU
+        uses the system trust store.
+    """
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class ScpConfig:
+    """The storage SCP that a PACS sends studies to.
+
+    Attributes
+    ----------
+    ae_title : str
+        Our AE title (default ``DICOMCOVID``).
+    host : str
+        Address to listen on (default ``127.0.0.1``: loopback only; use ``0.0.0.0`` to listen on
+        every interface).
+    port : int
+        TCP port (default 11112).
+    allowed_callers : tuple of AllowedCaller
+        Calling AE titles (optionally with host) allowed to associate. Empty (the default) accepts
+        any calling AE, which is only sensible on loopback; any other AE is rejected with
+        "calling AE title not recognised".
+    maximum_associations : int
+        Concurrent associations accepted (default 8); more are rejected as "local limit exceeded".
+    maximum_pdu_size : int
+        Largest P-DATA PDU we accept, in bytes (default 65536; 0 means unlimited).
+    acse_timeout, dimse_timeout, network_timeout : float
+        Seconds to wait for association messages (30), DIMSE messages (60) and any network
+        activity before an idle association is closed (60).
+    min_free_bytes : int
+        Free space the spool file system must keep (default 512 MiB). Below it every C-STORE is
+        answered 0xA700 (out of resources) so the PACS keeps the images and retries later.
+    own_marker : str
+        Prefix of the Manufacturer or a Contributing Equipment Manufacturer that marks our own
+        results (default ``dicom-covid``); such instances are acknowledged and
+        skipped, never analysed again.
+    tls : TlsConfig or None
+        DICOM TLS; default None (plain TCP).
+    """
+
+    ae_title: str = DEFAULT_AE_TITLE
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    allowed_callers: tuple[AllowedCaller, ...] = ()
+    maximum_associations: int = 8
+    maximum_pdu_size: int = 65536
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    min_free_bytes: int = 512 * 1024 * 1024
+    own_marker: str = OWN_MARKER
+    tls: TlsConfig | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ae_title", _check_ae(self.ae_title, "SCP AE title"))
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"SCP port {self.port} is outside 0-65535.")
+        if self.maximum_associations < 1:
+            raise ConfigError("maximum_associations must be at least 1.")
+        if self.min_free_bytes < 0:
+            raise ConfigError("min_free_bytes must not be negative.")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Delivery retries with exponential backoff.
+
+    Try ``n`` (1-based) that fails is retried after ``min(max_delay, base_delay * 2 ** (n - 1))``
+    seconds; after ``max_tries`` failed tries the delivery is dead-lettered (``dicom-covid retry``
+    re-queues it).
+
+    Attributes
+    ----------
+    base_delay : float
+        First delay in seconds (default 5).
+    max_delay : float
+        Largest delay in seconds (default 600).
+    max_tries : int
+        Tries before dead-lettering (default 10: about an hour of outage with the defaults).
+    """
+
+    base_delay: float = 5.0
+    max_delay: float = 600.0
+    max_tries: int = 10
+
+    def __post_init__(self) -> None:
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ConfigError("retry delays must not be negative.")
+        if self.max_tries < 1:
+            raise ConfigError("retry max_tries must be at least 1.")
+
+    def delay(self, tries: int) -> float:
+        """Seconds to wait after the ``tries``-th failed try."""
+        return min(self.max_delay, self.base_delay * 2.0 ** max(0, tries - 1))
+
+
+@dataclass(frozen=True)
+class SenderConfig:
+    """How results are delivered.
+
+    Attributes
+    ----------
+    ae_title : str
+        Calling AE title used towards destinations (default ``DICOMCOVID``).
+    destinations : tuple of Destination
+        DICOM nodes every result is sent to.
+    output_dir : pathlib.Path or None
+        Folder results are copied into (as ``<StudyInstanceUID>/<SOPInstanceUID>.dcm``); may be
+        combined with destinations.
+    retry : RetryPolicy
+        Backoff and dead-lettering.
+    poll_interval : float
+        Seconds between looks for due deliveries (default 1).
+    acse_timeout, dimse_timeout, network_timeout : float
+        Association timeouts towards destinations (30, 60, 60 s).
+    tls : TlsConfig or None
+        DICOM TLS towards destinations.
+    """
+
+    ae_title: str = DEFAULT_AE_TITLE
+    destinations: tuple[Destination, ...] = ()
+    output_dir: Path | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    poll_interval: float = 1.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    tls: TlsConfig | None = None
+
+    def targets(self) -> tuple[str, ...]:
+        """Delivery target keys: ``AE@host:port`` per destination, ``dir:<path>`` for a folder."""
+        out = [str(d) for d in self.destinations]
+        if self.output_dir is not None:
+            out.append(f"dir:{Path(self.output_dir).resolve()}")
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The inference worker process.
+
+    Attributes
+    ----------
+    bundle : pathlib.Path or None
+        MONAI bundle folder (default: the bundle shipped with dicom-covid).
+    model : str or None
+        Model name in the bundle (default: the bundle's default model).
+    device : str
+        Torch device (default ``cpu``).
+    explain : bool
+        Compute the Grad-CAM heat map shown in the Secondary Capture (default True).
+    poll_interval : float
+        Seconds between looks for grouped jobs when idle (default 0.5).
+    max_job_attempts : int
+        A job whose processing crashed the worker this many times is failed (default 3).
+    """
+
+    bundle: Path | None = None
+    model: str | None = None
+    device: str = "cpu"
+    explain: bool = True
+    poll_interval: float = 0.5
+    max_job_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything ``dicom-covid serve`` runs with.
+
+    Attributes
+    ----------
+    state_dir : pathlib.Path
+        Folder (mode 0700) holding ``jobs.sqlite``, ``spool/`` (received images) and
+        ``results/`` (SR and SC waiting for delivery). Default ``./dicom-covid-state``.
+    scp : ScpConfig
+        The listener.
+    destinations : tuple of Destination
+        Where results are sent. Default none.
+    output_dir : pathlib.Path or None
+        Folder results are also written to. When there is no destination and no output folder,
+        results go to ``<state_dir>/output``.
+    quiet_period : float
+        Seconds without a new instance after which a study becomes a job (default 5, like
+        Orthanc's ``StableAge``).
+    retry : RetryPolicy
+        Delivery backoff.
+    worker : WorkerConfig
+        Model and worker settings.
+    keep_spool : bool
+        Keep received images after their job is delivered (default False: deleted once every
+        result of the job is delivered; failed and dead jobs keep theirs for ``retry``).
+    """
+
+    state_dir: Path = Path("dicom-covid-state")
+    scp: ScpConfig = field(default_factory=ScpConfig)
+    destinations: tuple[Destination, ...] = ()
+    output_dir: Path | None = None
+    quiet_period: float = 5.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    keep_spool: bool = False
+
+    def __post_init__(self) -> None:
+        if self.quiet_period < 0:
+            raise ConfigError("quiet_period must not be negative.")
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite job store."""
+        return Path(self.state_dir) / "jobs.sqlite"
+
+    @property
+    def spool_dir(self) -> Path:
+        """Received images waiting for (or kept after) analysis."""
+        return Path(self.state_dir) / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        """Results waiting for delivery."""
+        return Path(self.state_dir) / "results"
+
+    def sender(self) -> SenderConfig:
+        """The :class:`SenderConfig` implied by this configuration."""
+        out = self.output_dir
+        if out is None and not self.destinations:
+            out = Path(self.state_dir) / "output"
+        return SenderConfig(
+            ae_title=self.scp.ae_title,
+            destinations=self.destinations,
+            output_dir=out,
+            retry=self.retry,
+            acse_timeout=self.scp.acse_timeout,
+            dimse_timeout=self.scp.dimse_timeout,
+            network_timeout=self.scp.network_timeout,
+            tls=self.scp.tls,
+        )
+
+    def override(
+        self,
+        scp: Mapping[str, Any] | None = None,
+        retry: Mapping[str, Any] | None = None,
+        worker: Mapping[str, Any] | None = None,
+        **top: Any,
+    ) -> ServiceConfig:
+        """A copy with some settings replaced (the CLI's flags over the TOML file's values).
+
+        Parameters
+        ----------
+        scp, retry, worker : mapping, optional
+            Fields of :class:`ScpConfig`, :class:`RetryPolicy` and :class:`WorkerConfig`.
+        **top
+            Fields of :class:`ServiceConfig` itself.
+
+        Raises
+        ------
+        ConfigError
+            Unknown field or invalid value.
+        """
+        return _replace_checked(
+            self,
+            {
+                **top,
+                "scp": _replace_checked(self.scp, scp, "scp"),
+                "retry": _replace_checked(self.retry, retry, "retry"),
+                "worker": _replace_checked(self.worker, worker, "worker"),
+            },
+            "service",
+        )
+
+    @classmethod
+    def from_mapping(
+        cls, data: Mapping[str, Any], base: ServiceConfig | None = None, root: Path | None = None
+    ) -> ServiceConfig:
+        """Build a configuration from a TOML-like mapping, on top of ``base``.
+
+        Parameters
+        ----------
+        data : mapping
+            Keys as in the module docstring; unknown keys are an error.
+        base : ServiceConfig, optional
+            Values not in ``data`` (default: all defaults).
+        root : pathlib.Path, optional
+            Relative paths in ``data`` are taken relative to this folder (the TOML file's).
+
+        Raises
+        ------
+        ConfigError
+            Unknown keys or malformed values.
+        """
+        base = base or cls()
+        root = root or Path.cwd()
+
+        def path(v: Any) -> Path:
+            p = Path(str(v)).expanduser()
+            return p if p.is_absolute() else root / p
+
+        data = dict(data)
+        tls_data = data.pop("tls", None)
+        scp_data = dict(data.pop("scp", {}) or {})
+        retry_data = data.pop("retry", None)
+        worker_data = dict(data.pop("worker", {}) or {})
+        top: dict[str, Any] = {}
+        for key in ("model", "bundle", "device", "explain"):
+            if key in data:
+                worker_data[key] = data.pop(key)
+        for key, value in data.items():
+            if key in ("state_dir", "output_dir"):
+                top[key] = path(value)
+            elif key == "destinations":
+                top[key] = tuple(Destination.parse(str(v)) for v in value)
+            elif key in ("quiet_period",):
+                top[key] = float(value)
+            elif key == "keep_spool":
+                top[key] = bool(value)
+            else:
+                raise ConfigError(f"unknown setting {key!r} in the configuration file.")
+        scp = base.scp
+        if scp_data or tls_data is not None:
+            if "allowed_callers" in scp_data:
+                scp_data["allowed_callers"] = tuple(
+                    AllowedCaller.parse(str(v)) for v in scp_data["allowed_callers"]
+                )
+            if tls_data is not None:
+                scp_data["tls"] = TlsConfig(
+                    cert=path(tls_data["cert"]),
+                    key=path(tls_data["key"]),
+                    ca=path(tls_data["ca"]) if tls_data.get("ca") else None,
+                )
+            scp = _replace_checked(scp, scp_data, "scp")
+        retry = _replace_checked(base.retry, retry_data, "retry") if retry_data else base.retry
+        if "bundle" in worker_data and worker_data["bundle"] is not None:
+            worker_data["bundle"] = path(worker_data["bundle"])
+        worker = (
+            _replace_checked(base.worker, worker_data, "worker") if worker_data else base.worker
+        )
+        return replace(base, scp=scp, retry=retry, worker=worker, **top)
+
+
+def _replace_checked(obj: Any, values: Mapping[str, Any] | None, section: str) -> Any:
+    names = {f.name for f in fields(obj)}
+    unknown = set(values or {}) - names
+    if unknown:
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(sorted(unknown))} in [{section}]; known: "
+            f"{', '.join(sorted(names))}."
+        )
+    try:
+        return replace(obj, **dict(values or {}))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[{section}]: {exc}") from exc
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML configuration file.
+
+    Raises
+    ------
+    ConfigError
+        When the file cannot be read or is not valid TOML.
+    """
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the configuration file ({exc}).") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc}).") from exc

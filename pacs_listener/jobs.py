@@ -1,0 +1,881 @@
+"""The durable job store: SQLite (WAL, ``synchronous=FULL``) shared by the SCP, worker and sender.
+
+Nothing is acknowledged to the PACS before it is in this store, and nothing leaves a state
+before the next state is committed, so a crash or restart resumes where it stopped.
+
+Instances (one row per SOP Instance UID ever received)::
+
+    received ──► grouped ──► inferred ──► results_written ──► delivered
+        │                        │                 │
+        └► skipped (reason)      └► failed (reason)  └► dead (delivery dead-lettered)
+
+Jobs (one per study and quiet period)::
+
+    grouped ──► running ──► results_written ──► delivered
+                   │               └──────────► dead   (``dicom-covid retry`` → results_written)
+                   └► failed (no image of the job gave results)
+
+Results (one SR and one SC per analysed image, enforced by a unique key) each have one delivery
+row per target (``AE@host:port`` or ``dir:<path>``), ``pending`` → ``delivered`` or ``dead``.
+A delivery is marked delivered right after the destination confirmed it, so a restart does not
+send it again.
+
+The database file is created with mode 0600 (SQLite gives its ``-wal``/``-shm`` files the same
+mode). Each thread gets its own connection; the worker process opens its own store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import RetryPolicy
+from .spool import ensure_private_dir
+
+__all__ = [
+    "INSTANCE_STATES",
+    "JOB_STATES",
+    "Delivery",
+    "Instance",
+    "Job",
+    "JobStore",
+    "ResultFile",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Instance states, in pipeline order, then the terminal side states.
+INSTANCE_STATES = (
+    "received",
+    "grouped",
+    "inferred",
+    "results_written",
+    "delivered",
+    "skipped",
+    "failed",
+    "dead",
+)
+#: Job states.
+JOB_STATES = ("grouped", "running", "results_written", "delivered", "failed", "dead")
+
+_SCHEMA_VERSION = "1"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    claimed_by TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL DEFAULT '',
+    sop_class_uid TEXT NOT NULL DEFAULT '',
+    calling_ae TEXT NOT NULL DEFAULT '',
+    path TEXT,
+    state TEXT NOT NULL,
+    reason TEXT,
+    job_id INTEGER REFERENCES jobs (id),
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    received_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_state ON instances (state, job_id);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid);
+CREATE INDEX IF NOT EXISTS instances_job ON instances (job_id);
+CREATE TABLE IF NOT EXISTS results (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    source_sop_instance_uid TEXT NOT NULL REFERENCES instances (sop_instance_uid),
+    kind TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL UNIQUE,
+    study_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    UNIQUE (source_sop_instance_uid, kind)
+);
+CREATE INDEX IF NOT EXISTS results_job ON results (job_id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    result_id INTEGER NOT NULL REFERENCES results (id),
+    target TEXT NOT NULL,
+    state TEXT NOT NULL,
+    tries INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    delivered_at REAL,
+    PRIMARY KEY (result_id, target)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A study's batch of candidate images.
+
+    Attributes
+    ----------
+    id : int
+    study_instance_uid : str
+    state : str
+    attempts : int
+        How many times a worker claimed it.
+    reason : str or None
+    """
+
+    id: int
+    study_instance_uid: str
+    state: str
+    attempts: int = 0
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One received SOP Instance (no patient data is stored, only UIDs and the file path)."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    state: str
+    path: Path | None
+    reason: str | None
+    job_id: int | None
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """A result object written by the worker, ready for delivery.
+
+    Attributes
+    ----------
+    kind : str
+        ``"sr"`` or ``"sc"``.
+    sop_instance_uid, study_instance_uid : str
+        UIDs of the result object.
+    path : pathlib.Path
+        The DICOM file.
+    """
+
+    kind: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One result due for one target."""
+
+    result_id: int
+    target: str
+    tries: int
+    job_id: int
+    kind: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    path: Path
+
+
+class JobStore:
+    """The SQLite job store.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        Database file (created with mode 0600, its folder with 0700, when missing).
+    create : bool
+        Create the file and schema when missing (default True); False raises
+        ``FileNotFoundError`` for a missing store (used by ``status``/``retry``).
+    """
+
+    def __init__(self, path: Path, create: bool = True) -> None:
+        self.path = Path(path)
+        self.root = self.path.parent
+        if not self.path.exists():
+            if not create:
+                raise FileNotFoundError(self.path)
+            ensure_private_dir(self.root)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        if create:
+            self._con().executescript(_SCHEMA)  # idempotent (IF NOT EXISTS)
+            self._set_meta("schema_version", _SCHEMA_VERSION)
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _con(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(
+                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute("PRAGMA foreign_keys=ON")
+            con.execute("PRAGMA busy_timeout=30000")
+            self._local.con = con
+            with self._lock:
+                self._connections.append(con)
+        return con
+
+    @contextlib.contextmanager
+    def _tx(self, con: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        con = con or self._con()
+        if con.in_transaction:  # nested use joins the outer transaction
+            yield con
+            return
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every connection this object opened."""
+        with self._lock:
+            for con in self._connections:
+                with contextlib.suppress(sqlite3.Error):
+                    con.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def pragma(self, name: str) -> object:
+        """Value of a PRAGMA (used by tests to check WAL and synchronous=FULL)."""
+        return self._con().execute(f"PRAGMA {name}").fetchone()[0]
+
+    def _set_meta(self, key: str, value: str) -> None:
+        with self._tx() as con:
+            con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def _rel(self, path: Path | None) -> str | None:
+        if path is None:
+            return None
+        p = Path(path)
+        try:
+            return str(p.resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return str(p)
+
+    def _abs(self, text: str | None) -> Path | None:
+        if text is None:
+            return None
+        p = Path(text)
+        return p if p.is_absolute() else self.root / p
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def seen(self, sop_instance_uid: str) -> str | None:
+        """Whether a SOP Instance UID is already known, counting a re-sent duplicate.
+
+        Returns
+        -------
+        str or None
+            ``"duplicate"`` when it was received before (its duplicate count goes up),
+            ``"own_result"`` when it is one of our own result objects, else None.
+        """
+        with self._tx() as con:
+            cur = con.execute(
+                "UPDATE instances SET duplicates = duplicates + 1 WHERE sop_instance_uid = ?",
+                (sop_instance_uid,),
+            )
+            if cur.rowcount:
+                return "duplicate"
+            row = con.execute(
+                "SELECT 1 FROM results WHERE sop_instance_uid = ?", (sop_instance_uid,)
+            ).fetchone()
+        return "own_result" if row else None
+
+    def add_instance(
+        self,
+        sop_instance_uid: str,
+        study_instance_uid: str,
+        *,
+        series_instance_uid: str = "",
+        sop_class_uid: str = "",
+        calling_ae: str = "",
+        state: str = "received",
+        path: Path | None = None,
+        reason: str | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Record a received instance; False when the SOP Instance UID was already known."""
+        if state not in ("received", "skipped", "failed"):
+            raise ValueError(f"an instance cannot be added in state {state!r}")
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            cur = con.execute(
+                "INSERT OR IGNORE INTO instances (sop_instance_uid, study_instance_uid, "
+                "series_instance_uid, sop_class_uid, calling_ae, path, state, reason, "
+                "received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    sop_instance_uid,
+                    study_instance_uid,
+                    series_instance_uid,
+                    sop_class_uid,
+                    calling_ae,
+                    self._rel(path),
+                    state,
+                    reason,
+                    now,
+                    now,
+                ),
+            )
+        return cur.rowcount == 1
+
+    def instance(self, sop_instance_uid: str) -> Instance | None:
+        """The stored record of one instance."""
+        row = (
+            self._con()
+            .execute("SELECT * FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
+            .fetchone()
+        )
+        return self._instance(row) if row else None
+
+    def _instance(self, row: sqlite3.Row) -> Instance:
+        return Instance(
+            sop_instance_uid=row["sop_instance_uid"],
+            study_instance_uid=row["study_instance_uid"],
+            series_instance_uid=row["series_instance_uid"],
+            sop_class_uid=row["sop_class_uid"],
+            state=row["state"],
+            path=self._abs(row["path"]),
+            reason=row["reason"],
+            job_id=row["job_id"],
+        )
+
+    # -- grouping ----------------------------------------------------------------------------
+
+    def group_stable_studies(self, quiet_period: float, now: float | None = None) -> list[Job]:
+        """Turn every study quiet for ``quiet_period`` seconds into a job.
+
+        A study is quiet when none of its instances (candidates or not) arrived in the last
+        ``quiet_period`` seconds. Only instances in state ``received`` join the new job, so
+        instances arriving after a study was grouped form a further job.
+
+        Returns
+        -------
+        list of Job
+            The jobs created.
+        """
+        now = time.time() if now is None else now
+        cutoff = now - quiet_period
+        jobs: list[Job] = []
+        query = (
+            "SELECT p.study_instance_uid FROM (SELECT DISTINCT study_instance_uid "
+            "FROM instances WHERE state = 'received' AND job_id IS NULL) p "
+            "WHERE (SELECT MAX(received_at) FROM instances i "
+            "WHERE i.study_instance_uid = p.study_instance_uid) <= ?"
+        )
+        if not self._con().execute(query + " LIMIT 1", (cutoff,)).fetchone():
+            return jobs  # the common case: nothing to do, no write lock taken
+        with self._tx() as con:
+            studies = [r[0] for r in con.execute(query, (cutoff,))]
+            for study in studies:
+                cur = con.execute(
+                    "INSERT INTO jobs (study_instance_uid, state, created_at, updated_at) "
+                    "VALUES (?, 'grouped', ?, ?)",
+                    (study, now, now),
+                )
+                job_id = int(cur.lastrowid)
+                n = con.execute(
+                    "UPDATE instances SET state = 'grouped', job_id = ?, updated_at = ? "
+                    "WHERE study_instance_uid = ? AND state = 'received' AND job_id IS NULL",
+                    (job_id, now, study),
+                ).rowcount
+                jobs.append(Job(job_id, study, "grouped"))
+                logger.info("job %d: study %s grouped with %d image(s)", job_id, study, n)
+        return jobs
+
+    # -- worker ------------------------------------------------------------------------------
+
+    def claim_job(self, worker: str, max_attempts: int = 3, now: float | None = None) -> Job | None:
+        """Claim the oldest grouped job for ``worker`` (state ``running``), or None.
+
+        A job already claimed ``max_attempts`` times (the worker died on it each time) is failed
+        instead of being handed out again.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            while True:
+                row = con.execute(
+                    "SELECT * FROM jobs WHERE state = 'grouped' ORDER BY id LIMIT 1"
+                ).fetchone()
+                if row is None:
+                    return None
+                if row["attempts"] >= max_attempts:
+                    reason = (
+                        f"worker_crashed: the worker stopped while processing this job "
+                        f"{row['attempts']} time(s)"
+                    )
+                    self._fail_job(con, row["id"], reason, now)
+                    logger.error("job %d: failed, %s", row["id"], reason)
+                    continue
+                con.execute(
+                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, claimed_by = ?, "
+                    "started_at = ?, updated_at = ? WHERE id = ?",
+                    (worker, now, now, row["id"]),
+                )
+                return Job(row["id"], row["study_instance_uid"], "running", row["attempts"] + 1)
+
+    def _fail_job(self, con: sqlite3.Connection, job_id: int, reason: str, now: float) -> None:
+        con.execute(
+            "UPDATE jobs SET state = 'failed', reason = ?, finished_at = ?, updated_at = ? "
+            "WHERE id = ?",
+            (reason, now, now, job_id),
+        )
+        con.execute(
+            "UPDATE instances SET state = 'failed', reason = ?, updated_at = ? "
+            "WHERE job_id = ? AND state IN ('grouped', 'inferred')",
+            (reason, now, job_id),
+        )
+
+    def job(self, job_id: int) -> Job | None:
+        """One job."""
+        row = self._con().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        return Job(
+            row["id"], row["study_instance_uid"], row["state"], row["attempts"], row["reason"]
+        )
+
+    def jobs(self, states: Sequence[str] | None = None, limit: int = 100) -> list[Job]:
+        """Most recent jobs, optionally only in some states."""
+        sql, args = "SELECT * FROM jobs", []
+        if states:
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            args = list(states)
+        sql += " ORDER BY id DESC LIMIT ?"
+        rows = self._con().execute(sql, [*args, limit]).fetchall()
+        return [
+            Job(r["id"], r["study_instance_uid"], r["state"], r["attempts"], r["reason"])
+            for r in rows
+        ]
+
+    def job_instances(self, job_id: int, states: Sequence[str] | None = None) -> list[Instance]:
+        """Instances of a job (optionally only in some states), in arrival order."""
+        sql, args = "SELECT * FROM instances WHERE job_id = ?", [job_id]
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args += list(states)
+        rows = self._con().execute(sql + " ORDER BY received_at, sop_instance_uid", args)
+        return [self._instance(r) for r in rows]
+
+    def set_instance_state(
+        self, sop_instance_uid: str, state: str, reason: str | None = None
+    ) -> None:
+        """Move one instance to ``state`` (with a reason for failed/skipped)."""
+        if state not in INSTANCE_STATES:
+            raise ValueError(f"unknown instance state {state!r}")
+        with self._tx() as con:
+            con.execute(
+                "UPDATE instances SET state = ?, reason = ?, updated_at = ? "
+                "WHERE sop_instance_uid = ?",
+                (state, reason, time.time(), sop_instance_uid),
+            )
+
+    def record_results(
+        self,
+        job_id: int,
+        source_sop_instance_uid: str,
+        results: Sequence[ResultFile],
+        targets: Sequence[str],
+        now: float | None = None,
+    ) -> None:
+        """Commit the result files of one source image and queue their deliveries.
+
+        In one transaction: a results row per file, a pending delivery per (result, target), and
+        the source instance moves to ``results_written``.
+
+        Raises
+        ------
+        sqlite3.IntegrityError
+            When this source image already has results of the same kind.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            for r in results:
+                cur = con.execute(
+                    "INSERT INTO results (job_id, source_sop_instance_uid, kind, "
+                    "sop_instance_uid, study_instance_uid, path, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job_id,
+                        source_sop_instance_uid,
+                        r.kind,
+                        r.sop_instance_uid,
+                        r.study_instance_uid,
+                        self._rel(r.path),
+                        now,
+                    ),
+                )
+                for target in targets:
+                    con.execute(
+                        "INSERT INTO deliveries (result_id, target, state, next_attempt_at) "
+                        "VALUES (?, ?, 'pending', ?)",
+                        (cur.lastrowid, target, now),
+                    )
+            con.execute(
+                "UPDATE instances SET state = 'results_written', reason = NULL, updated_at = ? "
+                "WHERE sop_instance_uid = ?",
+                (now, source_sop_instance_uid),
+            )
+
+    def results(self, job_id: int | None = None) -> list[ResultFile]:
+        """Result files, of one job or all."""
+        sql, args = "SELECT * FROM results", []
+        if job_id is not None:
+            sql, args = sql + " WHERE job_id = ?", [job_id]
+        rows = self._con().execute(sql + " ORDER BY id", args)
+        return [
+            ResultFile(
+                r["kind"], r["sop_instance_uid"], r["study_instance_uid"], self._abs(r["path"])
+            )
+            for r in rows
+        ]
+
+    def finish_job(self, job_id: int, now: float | None = None) -> str:
+        """Close a job after the worker went through all its images; return the new state.
+
+        A job with at least one result goes to ``results_written`` (or straight on, see
+        :meth:`refresh_job`); a job without any is ``failed`` with the images' reasons.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            n_results = con.execute(
+                "SELECT COUNT(*) FROM results WHERE job_id = ?", (job_id,)
+            ).fetchone()[0]
+            if n_results == 0:
+                reasons = [
+                    r[0] or "unknown"
+                    for r in con.execute(
+                        "SELECT reason FROM instances WHERE job_id = ? AND state = 'failed'",
+                        (job_id,),
+                    )
+                ]
+                codes = sorted({r.split(":", 1)[0] for r in reasons}) or ["no_images"]
+                reason = (
+                    f"{len(reasons)} image(s) failed: {', '.join(codes)}"
+                    if reasons
+                    else "no_images: the job had no image left to analyse"
+                )
+                self._fail_job(con, job_id, reason, now)
+                return "failed"
+            con.execute(
+                "UPDATE jobs SET state = 'results_written', finished_at = ?, updated_at = ?, "
+                "reason = NULL WHERE id = ?",
+                (now, now, job_id),
+            )
+            return self._refresh_job(con, job_id, now)
+
+    def release_running(self) -> int:
+        """Put jobs left ``running`` (worker stopped or crashed) back to ``grouped``."""
+        with self._tx() as con:
+            n = con.execute(
+                "UPDATE jobs SET state = 'grouped', claimed_by = NULL, updated_at = ? "
+                "WHERE state = 'running'",
+                (time.time(),),
+            ).rowcount
+            con.execute(
+                "UPDATE instances SET state = 'grouped' WHERE state = 'inferred' "
+                "AND job_id IN (SELECT id FROM jobs WHERE state = 'grouped')"
+            )
+        if n:
+            logger.info("%d unfinished job(s) will resume", n)
+        return n
+
+    # -- delivery ----------------------------------------------------------------------------
+
+    def due_deliveries(
+        self, targets: Sequence[str], now: float | None = None, limit: int = 100
+    ) -> list[Delivery]:
+        """Pending deliveries to the given targets whose next try is due."""
+        if not targets:
+            return []
+        now = time.time() if now is None else now
+        rows = (
+            self._con()
+            .execute(
+                "SELECT d.result_id, d.target, d.tries, r.job_id, r.kind, r.sop_instance_uid, "
+                "r.study_instance_uid, r.path "
+                "FROM deliveries d JOIN results r ON r.id = d.result_id "
+                "WHERE d.state = 'pending' AND d.next_attempt_at <= ? "
+                f"AND d.target IN ({','.join('?' * len(targets))}) "
+                "ORDER BY d.next_attempt_at, d.result_id LIMIT ?",
+                [now, *targets, limit],
+            )
+            .fetchall()
+        )
+        return [
+            Delivery(
+                r["result_id"],
+                r["target"],
+                r["tries"],
+                r["job_id"],
+                r["kind"],
+                r["sop_instance_uid"],
+                r["study_instance_uid"],
+                self._abs(r["path"]),
+            )
+            for r in rows
+        ]
+
+    def next_due(self, targets: Sequence[str]) -> float | None:
+        """Time of the earliest pending delivery to these targets, or None."""
+        if not targets:
+            return None
+        row = (
+            self._con()
+            .execute(
+                "SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'pending' AND target IN "
+                f"({','.join('?' * len(targets))})",
+                list(targets),
+            )
+            .fetchone()
+        )
+        return row[0]
+
+    def delivery_succeeded(self, result_id: int, target: str, now: float | None = None) -> str:
+        """Mark one (result, target) delivered; return the job's new state."""
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            con.execute(
+                "UPDATE deliveries SET state = 'delivered', delivered_at = ?, tries = tries + 1, "
+                "last_error = NULL WHERE result_id = ? AND target = ?",
+                (now, result_id, target),
+            )
+            job_id = con.execute(
+                "SELECT job_id FROM results WHERE id = ?", (result_id,)
+            ).fetchone()[0]
+            return self._refresh_job(con, job_id, now)
+
+    def delivery_failed(
+        self, result_id: int, target: str, error: str, policy: RetryPolicy, now: float | None = None
+    ) -> str:
+        """Count a failed try; schedule the next one or dead-letter. Return the delivery state."""
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            row = con.execute(
+                "SELECT d.tries, r.job_id FROM deliveries d JOIN results r ON r.id = d.result_id "
+                "WHERE d.result_id = ? AND d.target = ?",
+                (result_id, target),
+            ).fetchone()
+            tries = row["tries"] + 1
+            state = "dead" if tries >= policy.max_tries else "pending"
+            con.execute(
+                "UPDATE deliveries SET state = ?, tries = ?, last_error = ?, next_attempt_at = ? "
+                "WHERE result_id = ? AND target = ?",
+                (state, tries, error[:500], now + policy.delay(tries), result_id, target),
+            )
+            self._refresh_job(con, row["job_id"], now)
+        return state
+
+    def _refresh_job(self, con: sqlite3.Connection, job_id: int, now: float) -> str:
+        """Derive a finished job's state from its deliveries."""
+        job = con.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if job is None or job["state"] in ("grouped", "running", "failed"):
+            return job["state"] if job else "unknown"
+        counts = dict(
+            con.execute(
+                "SELECT d.state, COUNT(*) FROM deliveries d JOIN results r ON r.id = d.result_id "
+                "WHERE r.job_id = ? GROUP BY d.state",
+                (job_id,),
+            ).fetchall()
+        )
+        if counts.get("pending"):
+            state, reason = "results_written", None
+        elif counts.get("dead"):
+            errors = [
+                r[0]
+                for r in con.execute(
+                    "SELECT DISTINCT d.target || ': ' || COALESCE(d.last_error, '') "
+                    "FROM deliveries d JOIN results r ON r.id = d.result_id "
+                    "WHERE r.job_id = ? AND d.state = 'dead'",
+                    (job_id,),
+                )
+            ]
+            state, reason = "dead", "delivery_failed: " + "; ".join(errors)
+        else:
+            state, reason = "delivered", None
+        if state != job["state"]:
+            con.execute(
+                "UPDATE jobs SET state = ?, reason = ?, updated_at = ?, delivered_at = "
+                "CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END WHERE id = ?",
+                (state, reason, now, state, now, job_id),
+            )
+            inst_state = {
+                "results_written": "results_written",
+                "dead": "dead",
+                "delivered": "delivered",
+            }[state]
+            con.execute(
+                "UPDATE instances SET state = ?, updated_at = ? WHERE job_id = ? AND state IN "
+                "('results_written', 'delivered', 'dead')",
+                (inst_state, now, job_id),
+            )
+        return state
+
+    def job_timings(self, job_id: int) -> dict[str, float | None]:
+        """Seconds spent waiting, analysing and delivering (None when not reached)."""
+        r = self._con().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if r is None:
+            return {}
+
+        def span(a: str, b: str) -> float | None:
+            return round(r[b] - r[a], 3) if r[a] is not None and r[b] is not None else None
+
+        return {
+            "queued_s": span("created_at", "started_at"),
+            "analysis_s": span("started_at", "finished_at"),
+            "delivery_s": span("finished_at", "delivered_at"),
+        }
+
+    # -- operations --------------------------------------------------------------------------
+
+    def requeue(
+        self, job_id: int | None = None, all_dead: bool = False, all_failed: bool = False
+    ) -> int:
+        """Re-queue dead deliveries and failed jobs; return how many jobs were re-queued.
+
+        Parameters
+        ----------
+        job_id : int, optional
+            One job: its dead deliveries are retried from scratch, or, if the job failed, its
+            failed images are analysed again.
+        all_dead : bool
+            Every job whose delivery was dead-lettered.
+        all_failed : bool
+            Every failed job.
+        """
+        now = time.time()
+        with self._tx() as con:
+            ids: list[int] = []
+            if job_id is not None:
+                ids.append(job_id)
+            if all_dead:
+                ids += [r[0] for r in con.execute("SELECT id FROM jobs WHERE state = 'dead'")]
+            if all_failed:
+                ids += [r[0] for r in con.execute("SELECT id FROM jobs WHERE state = 'failed'")]
+            n = 0
+            for jid in dict.fromkeys(ids):
+                row = con.execute("SELECT state FROM jobs WHERE id = ?", (jid,)).fetchone()
+                if row is None:
+                    continue
+                if row["state"] in ("dead", "results_written", "delivered"):
+                    moved = con.execute(
+                        "UPDATE deliveries SET state = 'pending', tries = 0, next_attempt_at = ?, "
+                        "last_error = NULL WHERE state = 'dead' AND result_id IN "
+                        "(SELECT id FROM results WHERE job_id = ?)",
+                        (now, jid),
+                    ).rowcount
+                    if moved:
+                        con.execute(
+                            "UPDATE jobs SET state = 'results_written' WHERE id = ?", (jid,)
+                        )
+                        self._refresh_job(con, jid, now)
+                        n += 1
+                elif row["state"] == "failed":
+                    con.execute(
+                        "UPDATE instances SET state = 'grouped', reason = NULL, updated_at = ? "
+                        "WHERE job_id = ? AND state = 'failed' AND path IS NOT NULL",
+                        (now, jid),
+                    )
+                    con.execute(
+                        "UPDATE jobs SET state = 'grouped', attempts = 0, reason = NULL, "
+                        "updated_at = ? WHERE id = ?",
+                        (now, jid),
+                    )
+                    n += 1
+        if n:
+            logger.info("re-queued %d job(s)", n)
+        return n
+
+    def counts(self, now: float | None = None) -> dict:
+        """Counts per state and the backlog, for ``dicom-covid status``."""
+        now = time.time() if now is None else now
+        con = self._con()
+
+        def by_state(sql: str, states: Sequence[str]) -> dict[str, int]:
+            found = dict(con.execute(sql).fetchall())
+            return {s: int(found.get(s, 0)) for s in (*states, *sorted(set(found) - set(states)))}
+
+        instances = by_state(
+            "SELECT state, COUNT(*) FROM instances GROUP BY state", INSTANCE_STATES
+        )
+        jobs = by_state("SELECT state, COUNT(*) FROM jobs GROUP BY state", JOB_STATES)
+        deliveries = by_state(
+            "SELECT state, COUNT(*) FROM deliveries GROUP BY state",
+            ("pending", "delivered", "dead"),
+        )
+        per_target = {
+            r[0]: {"pending": r[1], "dead": r[2], "delivered": r[3]}
+            for r in con.execute(
+                "SELECT target, SUM(state = 'pending'), SUM(state = 'dead'), "
+                "SUM(state = 'delivered') FROM deliveries GROUP BY target ORDER BY target"
+            )
+        }
+        oldest = con.execute(
+            "SELECT MIN(r.created_at) FROM deliveries d JOIN results r ON r.id = d.result_id "
+            "WHERE d.state = 'pending'"
+        ).fetchone()[0]
+        duplicates = con.execute("SELECT COALESCE(SUM(duplicates), 0) FROM instances").fetchone()[0]
+        skipped = dict(
+            con.execute(
+                "SELECT reason, COUNT(*) FROM instances WHERE state = 'skipped' GROUP BY reason"
+            ).fetchall()
+        )
+        return {
+            "instances": instances,
+            "jobs": jobs,
+            "deliveries": deliveries,
+            "targets": per_target,
+            "skipped_reasons": skipped,
+            "duplicates": int(duplicates),
+            "backlog": {
+                "instances_waiting_for_quiet_period": instances["received"],
+                "jobs_waiting_for_worker": jobs["grouped"] + jobs["running"],
+                "deliveries_pending": deliveries["pending"],
+                "oldest_pending_delivery_age_s": round(now - oldest, 1) if oldest else None,
+            },
+        }
+
+    def files_of_job(self, job_id: int) -> list[Path]:
+        """Spool and result files of a job (for clean-up after delivery)."""
+        con = self._con()
+        paths = [
+            r[0]
+            for r in con.execute(
+                "SELECT path FROM instances WHERE job_id = ? AND path IS NOT NULL", (job_id,)
+            )
+        ]
+        paths += [r[0] for r in con.execute("SELECT path FROM results WHERE job_id = ?", (job_id,))]
+        return [self._abs(p) for p in paths]

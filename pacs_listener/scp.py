@@ -1,0 +1,485 @@
+"""The DICOM listener: C-ECHO and C-STORE SCP in front of the durable job store.
+
+The C-STORE handler stays thin (no torch, no pixel decoding): it checks free disk, parses the
+header of ``event.encoded_dataset()``, drops re-sent duplicates and our own results, writes
+candidate images to the spool (tmp file, fsync, rename), records every instance in the job store
+and answers. Status codes:
+
+========  ===========================================================================
+0x0000    stored (or acknowledged: duplicate, skipped object, our own result)
+0xA700    out of resources: free disk below ``min_free_bytes``, or spool/store not writable
+0xA900    data set does not match the SOP class / instance of the C-STORE request
+0xC210    cannot understand: the data set cannot be parsed, or lacks its UIDs
+0xC211    unexpected error in the handler (logged with a traceback)
+========  ===========================================================================
+
+Associations are only accepted from the configured calling AE titles (and hosts); everything
+else is rejected with "calling AE title not recognised". Per association one log line gives the
+calling AE, peer address, number of instances and duration; no patient data is ever logged.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sqlite3
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from .config import ScpConfig, TlsConfig
+from .jobs import JobStore
+from .spool import Spool, free_bytes
+from .triage import Verdict, triage
+
+__all__ = [
+    "STATUS_CANNOT_UNDERSTAND",
+    "STATUS_MISMATCH",
+    "STATUS_OUT_OF_RESOURCES",
+    "STATUS_SUCCESS",
+    "TRANSFER_SYNTAXES",
+    "StorageSCP",
+    "server_ssl_context",
+]
+
+logger = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_PROCESSING_FAILURE = 0xC211
+
+#: Transfer syntaxes accepted for every storage SOP class: RLE, JPEG (lossless, baseline,
+#: extended), JPEG-LS, JPEG 2000, HTJ2K, deflated and uncompressed. pynetdicom takes the first of
+#: these that the sender proposes, so compressed encodings come first: an image is then spooled
+#: exactly as the PACS holds it, without the PACS transcoding it.
+TRANSFER_SYNTAXES = [
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    RLELossless,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEGLSNearLossless,
+    JPEG2000,
+    HTJ2K,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+]
+
+
+def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """TLS context of the SCP: our certificate, and client certificates required when a CA is set.
+
+    Raises
+    ------
+    OSError, ssl.SSLError
+        When the certificate, key or CA file cannot be loaded.
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    if tls.ca is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+@dataclass
+class _AssocStats:
+    number: int
+    calling_ae: str
+    address: str
+    port: int
+    started: float = field(default_factory=time.monotonic)
+    received: int = 0
+    queued: int = 0
+    skipped: int = 0
+    duplicates: int = 0
+    refused: int = 0
+
+
+class StorageSCP:
+    """A non-blocking C-ECHO/C-STORE SCP feeding the job store.
+
+    Parameters
+    ----------
+    config : ScpConfig
+        AE title, address, allow-list, limits, TLS, free-disk floor.
+    store : JobStore
+        Where instances are recorded.
+    spool : Spool
+        Where candidate images are written.
+    """
+
+    def __init__(self, config: ScpConfig, store: JobStore, spool: Spool) -> None:
+        self.config = config
+        self.store = store
+        self.spool = spool
+        self._server = None
+        self._assocs: dict[object, _AssocStats] = {}
+        self._lock = threading.Lock()
+        self._counter = 0
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        c = self.config
+        ae = AE(ae_title=c.ae_title)
+        ae.maximum_associations = c.maximum_associations
+        ae.maximum_pdu_size = c.maximum_pdu_size
+        ae.acse_timeout = c.acse_timeout
+        ae.dimse_timeout = c.dimse_timeout
+        ae.network_timeout = c.network_timeout
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` actually listened on (useful with port 0)."""
+        if self._server is None:
+            return (self.config.host, self.config.port)
+        host, port = self._server.server_address[:2]
+        return (str(host), int(port))
+
+    def start(self) -> None:
+        """Start listening in background threads.
+
+        Raises
+        ------
+        OSError
+            When the address cannot be bound (port in use, no permission).
+        """
+        c = self.config
+        ctx = server_ssl_context(c.tls) if c.tls else None
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = self.ae.start_server(
+            (c.host, c.port), block=False, evt_handlers=handlers, ssl_context=ctx
+        )
+        callers = ", ".join(str(a) for a in c.allowed_callers) or "any calling AE"
+        logger.info(
+            "listening as %s on %s:%d%s; accepting %s; max %d associations",
+            c.ae_title,
+            *self.address,
+            " (TLS)" if ctx else "",
+            callers,
+            c.maximum_associations,
+        )
+        if not c.allowed_callers:
+            logger.warning("no --allow-ae given: associations from any calling AE are accepted")
+
+    def stop(self) -> None:
+        """Stop listening and close open associations."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.ae.shutdown()
+        logger.info("listener stopped")
+
+    # -- association handlers ----------------------------------------------------------------
+
+    def _allowed(self, calling_ae: str, address: str) -> bool:
+        callers = self.config.allowed_callers
+        if not callers:
+            return True
+        return any(
+            a.ae_title == calling_ae and (a.host is None or a.host == address) for a in callers
+        )
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        address = str(assoc.requestor.address)
+        if not self._allowed(calling, address):
+            logger.warning(
+                "association from AE %r at %s:%s rejected: calling AE title not in the "
+                "allow-list (add it with --allow-ae)",
+                calling,
+                address,
+                assoc.requestor.port,
+            )
+            # permanent, service user, "calling AE title not recognised"; then wait (as
+            # pynetdicom does for its own rejections) until the peer has the reject PDU
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            assoc.kill()
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        req = event.assoc.requestor
+        logger.warning("association from %s:%s rejected", req.address, req.port)
+
+    def _on_established(self, event: evt.Event) -> None:
+        req = event.assoc.requestor
+        with self._lock:
+            self._counter += 1
+            stats = _AssocStats(
+                self._counter, str(req.ae_title).strip(), str(req.address), int(req.port)
+            )
+            self._assocs[event.assoc] = stats
+        logger.info(
+            "association %d: opened by %s at %s:%d",
+            stats.number,
+            stats.calling_ae,
+            stats.address,
+            stats.port,
+        )
+
+    def _on_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            stats = self._assocs.pop(event.assoc, None)
+        if stats is None:
+            return
+        how = {"EVT_RELEASED": "released", "EVT_ABORTED": "aborted"}.get(event.event.name, "closed")
+        logger.info(
+            "association %d: %s by %s at %s:%d after %.2f s: %d instance(s) received "
+            "(%d queued, %d skipped, %d duplicate, %d refused)",
+            stats.number,
+            how,
+            stats.calling_ae,
+            stats.address,
+            stats.port,
+            time.monotonic() - stats.started,
+            stats.received,
+            stats.queued,
+            stats.skipped,
+            stats.duplicates,
+            stats.refused,
+        )
+
+    def _stats(self, event: evt.Event) -> _AssocStats:
+        with self._lock:
+            stats = self._assocs.get(event.assoc)
+            if stats is None:  # defensive: handler ran before EVT_ESTABLISHED was seen
+                req = event.assoc.requestor
+                self._counter += 1
+                stats = _AssocStats(
+                    self._counter, str(req.ae_title).strip(), str(req.address), int(req.port)
+                )
+                self._assocs[event.assoc] = stats
+            return stats
+
+    # -- DIMSE handlers ----------------------------------------------------------------------
+
+    def _on_echo(self, event: evt.Event) -> int:
+        logger.debug("C-ECHO from %s", str(event.assoc.requestor.ae_title).strip())
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        stats = self._stats(event)
+        stats.received += 1
+        try:
+            status = self._store(event, stats)
+        except Exception:
+            logger.exception(
+                "association %d: unexpected error while storing an instance", stats.number
+            )
+            status = STATUS_PROCESSING_FAILURE
+        if status not in (STATUS_SUCCESS,):
+            stats.refused += 1
+        return status
+
+    def _store(self, event: evt.Event, stats: _AssocStats) -> int:
+        req = event.request
+        rq_sop = str(req.AffectedSOPInstanceUID or "").strip()
+        rq_class = str(req.AffectedSOPClassUID or "").strip()
+        floor = self.config.min_free_bytes
+        try:
+            free = free_bytes(self.spool.root)
+        except OSError:
+            free = 0
+        if free < floor:
+            logger.error(
+                "association %d: instance %s refused (0xA700): %d MiB free in %s, below the "
+                "floor of %d MiB; free disk space or lower min_free_bytes",
+                stats.number,
+                rq_sop,
+                free // 2**20,
+                self.spool.root,
+                floor // 2**20,
+            )
+            return STATUS_OUT_OF_RESOURCES
+
+        data = event.encoded_dataset()
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            sop = str(ds.get("SOPInstanceUID", "") or "").strip()
+            sop_class = str(ds.get("SOPClassUID", "") or "").strip()
+            study = str(ds.get("StudyInstanceUID", "") or "").strip()
+            series = str(ds.get("SeriesInstanceUID", "") or "").strip()
+        except Exception as exc:
+            logger.warning(
+                "association %d: instance %s refused (0xC210): the data set cannot be parsed (%s)",
+                stats.number,
+                rq_sop,
+                type(exc).__name__,
+            )
+            return STATUS_CANNOT_UNDERSTAND
+        if not sop or not sop_class:
+            logger.warning(
+                "association %d: instance %s refused (0xC210): no SOP Instance/Class "
+                "UID in the data set",
+                stats.number,
+                rq_sop,
+            )
+            return STATUS_CANNOT_UNDERSTAND
+        if (rq_sop and sop != rq_sop) or (rq_class and sop_class != rq_class):
+            logger.warning(
+                "association %d: instance %s refused (0xA900): the data set's SOP Class/Instance "
+                "UID (%s / %s) differs from the C-STORE request's (%s / %s)",
+                stats.number,
+                rq_sop,
+                sop_class,
+                sop,
+                rq_class,
+                rq_sop,
+            )
+            return STATUS_MISMATCH
+
+        try:
+            return self._record(ds, data, sop, sop_class, study, series, stats)
+        except sqlite3.Error as exc:
+            logger.error(
+                "association %d: instance %s refused (0xA700): the job store cannot be written "
+                "(%s)",
+                stats.number,
+                sop,
+                exc,
+            )
+            return STATUS_OUT_OF_RESOURCES
+
+    def _record(
+        self,
+        ds: Dataset,
+        data: bytes,
+        sop: str,
+        sop_class: str,
+        study: str,
+        series: str,
+        stats: _AssocStats,
+    ) -> int:
+        """Drop duplicates, record skipped objects, spool and queue candidates."""
+        seen = self.store.seen(sop)
+        if seen == "duplicate":
+            stats.duplicates += 1
+            logger.info(
+                "association %d: instance %s already received; acknowledged, not processed again",
+                stats.number,
+                sop,
+            )
+            return STATUS_SUCCESS
+
+        verdict = _triage_safely(ds, self.config.own_marker)
+        if seen == "own_result":
+            verdict = Verdict(False, "own_result", "one of our own results")
+        calling = stats.calling_ae
+        if not verdict.candidate or not study:
+            reason = verdict.reason or "no_study_uid"
+            self.store.add_instance(
+                sop,
+                study,
+                series_instance_uid=series,
+                sop_class_uid=sop_class,
+                calling_ae=calling,
+                state="skipped",
+                reason=reason,
+            )
+            stats.skipped += 1
+            logger.info(
+                "association %d: instance %s (study %s) skipped: %s (%s)",
+                stats.number,
+                sop,
+                study or "none",
+                reason,
+                verdict.detail,
+            )
+            return STATUS_SUCCESS
+
+        try:
+            path = self.spool.write(study, sop, data)
+        except OSError as exc:
+            logger.error(
+                "association %d: instance %s refused (0xA700): cannot write the spool (%s)",
+                stats.number,
+                sop,
+                exc.strerror or type(exc).__name__,
+            )
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            added = self.store.add_instance(
+                sop,
+                study,
+                series_instance_uid=series,
+                sop_class_uid=sop_class,
+                calling_ae=calling,
+                state="received",
+                path=path,
+            )
+        except Exception as exc:
+            self.spool.remove(path)
+            logger.error(
+                "association %d: instance %s refused (0xA700): the job store cannot "
+                "be written (%s)",
+                stats.number,
+                sop,
+                exc,
+            )
+            return STATUS_OUT_OF_RESOURCES
+        if not added:  # the same instance arrived on a parallel association
+            stats.duplicates += 1
+            return STATUS_SUCCESS
+        stats.queued += 1
+        logger.info(
+            "association %d: instance %s of study %s queued (%s)",
+            stats.number,
+            sop,
+            study,
+            verdict.detail,
+        )
+        return STATUS_SUCCESS
+
+
+def _triage_safely(ds: Dataset, own_marker: str) -> Verdict:
+    """:func:`triage`, treating an unreadable header value as a non-candidate."""
+    try:
+        return triage(ds, own_marker)
+    except Exception as exc:
+        return Verdict(False, "unreadable_header", type(exc).__name__)

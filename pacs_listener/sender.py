@@ -1,0 +1,296 @@
+"""Delivery of results: C-STORE SCU to DICOM destinations, or a copy into an output folder.
+
+Each target (``AE@host:port`` or ``dir:<path>``) has its own thread, so a destination that is down
+does not hold up the others. A thread takes the target's due deliveries from the job store, sends
+them over one association, and marks each (result, target) delivered right after the destination
+confirmed it; a failed try is rescheduled with exponential backoff (:class:`RetryPolicy`) and
+dead-lettered after ``max_tries``. Results stay on disk until delivered, so an outage or a restart
+loses nothing, and a restart does not resend what was confirmed.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from dicom_covid.errors import DeliveryError
+
+from .config import Destination, SenderConfig, TlsConfig
+from .jobs import Delivery, JobStore
+from .spool import atomic_copy, safe_name
+
+__all__ = ["Sender", "client_ssl_context", "send_files"]
+
+logger = logging.getLogger(__name__)
+
+#: C-STORE statuses that mean the destination has the instance (success and warnings).
+_OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+def client_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """TLS context of the SCU: verifies the destination (against ``tls.ca`` when given) and
+    presents our certificate for mutual TLS."""
+    ctx = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None
+    )
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    return ctx
+
+
+def send_files(
+    paths: Sequence[Path], destination: Destination, config: SenderConfig
+) -> list[str | None]:
+    """Send DICOM files to a destination over one association.
+
+    Parameters
+    ----------
+    paths : sequence of pathlib.Path
+        DICOM Part 10 files.
+    destination : Destination
+        The C-STORE SCP.
+    config : SenderConfig
+        Calling AE title, timeouts, TLS.
+
+    Returns
+    -------
+    list of (str or None)
+        Per file: None when the destination confirmed it, else what went wrong.
+
+    Raises
+    ------
+    DeliveryError
+        When no association could be established (nothing was sent).
+    """
+    datasets = []
+    errors: list[str | None] = []
+    for p in paths:
+        try:
+            datasets.append(pydicom.dcmread(p))
+            errors.append(None)
+        except Exception as exc:  # the result file itself is unreadable
+            datasets.append(None)
+            errors.append(f"cannot read {p.name}: {type(exc).__name__}: {exc}")
+    ae = AE(ae_title=config.ae_title)
+    ae.acse_timeout = config.acse_timeout
+    ae.dimse_timeout = config.dimse_timeout
+    ae.network_timeout = config.network_timeout
+    ae.connection_timeout = config.acse_timeout
+    wanted: dict[str, list[str]] = {}
+    for ds in datasets:
+        if ds is None:
+            continue
+        syntaxes = wanted.setdefault(str(ds.SOPClassUID), [])
+        for ts in (ds.file_meta.TransferSyntaxUID, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if ts not in syntaxes:
+                syntaxes.append(ts)
+    for sop_class, syntaxes in wanted.items():
+        ae.add_requested_context(sop_class, syntaxes)
+    if not wanted:
+        return errors
+    tls_args = None
+    if config.tls is not None:
+        tls_args = (client_ssl_context(config.tls), destination.host)
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    )
+    if not assoc.is_established:
+        what = (
+            "rejected the association"
+            if assoc.is_rejected
+            else ("aborted the association" if assoc.is_aborted else "could not be reached")
+        )
+        raise DeliveryError(
+            f"{destination} {what}; check that it is running and knows our AE title "
+            f"{config.ae_title}"
+        )
+    try:
+        for i, ds in enumerate(datasets):
+            if ds is None:
+                continue
+            try:
+                status = assoc.send_c_store(ds)
+            except Exception as exc:
+                errors[i] = f"{type(exc).__name__}: {exc}"
+                continue
+            code = int(getattr(status, "Status", -1)) if status else -1
+            if code in _OK_STATUSES:
+                errors[i] = None
+            elif code == -1:
+                errors[i] = "no response (association aborted or timed out)"
+            else:
+                errors[i] = f"C-STORE status 0x{code:04X}"
+            if not assoc.is_established:
+                for j in range(i + 1, len(datasets)):
+                    if datasets[j] is not None:
+                        errors[j] = "association lost"
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return errors
+
+
+class Sender:
+    """Delivers due results to every configured target until stopped.
+
+    Parameters
+    ----------
+    store : JobStore
+        The job store.
+    config : SenderConfig
+        Targets, retry policy, TLS.
+    on_job_delivered : callable, optional
+        Called with a job id when every result of the job has been delivered everywhere.
+    batch_size : int
+        Results sent over one association (default 50).
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        config: SenderConfig,
+        on_job_delivered: Callable[[int], None] | None = None,
+        batch_size: int = 50,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.on_job_delivered = on_job_delivered
+        self.batch_size = batch_size
+        self._stop = threading.Event()
+        self._wake = {t: threading.Event() for t in config.targets()}
+        self._threads: list[threading.Thread] = []
+        self._destinations = {str(d): d for d in config.destinations}
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Target keys served."""
+        return self.config.targets()
+
+    def start(self) -> None:
+        """Start one delivery thread per target."""
+        for target in self.targets:
+            t = threading.Thread(
+                target=self._loop, args=(target,), name=f"sender {target}", daemon=True
+            )
+            t.start()
+            self._threads.append(t)
+        logger.info("delivering results to %s", ", ".join(self.targets) or "nowhere")
+
+    def wake(self) -> None:
+        """Look for due deliveries now (called when new results were written)."""
+        for event in self._wake.values():
+            event.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the threads after their current association."""
+        self._stop.set()
+        self.wake()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+
+    def _loop(self, target: str) -> None:
+        while not self._stop.is_set():
+            try:
+                n = self.deliver_due(target)
+            except Exception:
+                logger.exception("delivery to %s: unexpected error", target)
+                n = 0
+            if n:
+                continue
+            due = self.store.next_due([target])
+            wait = self.config.poll_interval
+            if due is not None:
+                wait = max(0.05, min(wait, due - time.time()))
+            self._wake[target].wait(wait)
+            self._wake[target].clear()
+
+    def deliver_due(self, target: str, now: float | None = None) -> int:
+        """Make one delivery pass to ``target``; return how many results were delivered."""
+        due = self.store.due_deliveries([target], now=now, limit=self.batch_size)
+        if not due:
+            return 0
+        if target.startswith("dir:"):
+            errors = [self._copy(d, Path(target[4:])) for d in due]
+        else:
+            dest = self._destinations[target]
+            try:
+                errors = send_files([d.path for d in due], dest, self.config)
+            except DeliveryError as exc:
+                errors = [str(exc)] * len(due)
+            except Exception as exc:  # network layer errors, TLS set-up, ...
+                errors = [f"{type(exc).__name__}: {exc}"] * len(due)
+        delivered = 0
+        for d, error in zip(due, errors, strict=True):
+            if error is None:
+                delivered += 1
+                state = self.store.delivery_succeeded(d.result_id, target)
+                logger.info(
+                    "job %d: %s %s delivered to %s",
+                    d.job_id,
+                    d.kind.upper(),
+                    d.sop_instance_uid,
+                    target,
+                )
+                if state == "delivered":
+                    self._job_delivered(d.job_id)
+            else:
+                state = self.store.delivery_failed(d.result_id, target, error, self.config.retry)
+                if state == "dead":
+                    logger.error(
+                        "job %d: %s %s dead-lettered for %s after %d tries (%s); re-queue it "
+                        "with 'dicom-covid retry --job %d' once the destination works",
+                        d.job_id,
+                        d.kind.upper(),
+                        d.sop_instance_uid,
+                        target,
+                        d.tries + 1,
+                        error,
+                        d.job_id,
+                    )
+                else:
+                    logger.warning(
+                        "job %d: %s %s not delivered to %s (try %d: %s); retrying in %.1f s",
+                        d.job_id,
+                        d.kind.upper(),
+                        d.sop_instance_uid,
+                        target,
+                        d.tries + 1,
+                        error,
+                        self.config.retry.delay(d.tries + 1),
+                    )
+        return delivered
+
+    def _copy(self, d: Delivery, folder: Path) -> str | None:
+        try:
+            atomic_copy(
+                d.path,
+                folder / safe_name(d.study_instance_uid) / f"{safe_name(d.sop_instance_uid)}.dcm",
+            )
+        except OSError as exc:
+            return f"cannot write to {folder}: {exc.strerror or exc}"
+        return None
+
+    def _job_delivered(self, job_id: int) -> None:
+        timings = self.store.job_timings(job_id)
+        logger.info(
+            "job %d: delivered (queued %s s, analysis %s s, delivery %s s)",
+            job_id,
+            timings.get("queued_s"),
+            timings.get("analysis_s"),
+            timings.get("delivery_s"),
+        )
+        if self.on_job_delivered is not None:
+            try:
+                self.on_job_delivered(job_id)
+            except Exception:
+                logger.exception("job %d: clean-up after delivery failed", job_id)

@@ -1,0 +1,334 @@
+"""The PACS service: listener, study grouping, worker process and sender, run together.
+
+:class:`Service` owns the state folder and wires the parts::
+
+    PACS ──C-STORE──► StorageSCP ──► spool/ + jobs.sqlite ◄── grouper (quiet period)
+                                          │
+                        worker process ◄──┘ (claims grouped jobs; torch lives only there)
+                                          │ results/ + pending deliveries
+                                          ▼
+                                       Sender ──C-STORE──► destinations / output folder
+
+On start it removes incomplete temporary files, puts jobs a previous run left ``running`` back
+in the queue, and resumes pending deliveries. :meth:`Service.run` blocks until SIGINT/SIGTERM
+(or :meth:`Service.stop`), then shuts down in order: stop listening, stop grouping, let the
+worker finish its job, let the sender finish its association.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import queue
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dicom_covid.errors import DicomCovidError
+
+from .config import ServiceConfig
+from .jobs import JobStore
+from .scp import StorageSCP
+from .sender import Sender
+from .spool import Spool, ensure_private_dir
+
+__all__ = ["Service", "ServiceError"]
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(DicomCovidError):
+    """The service cannot start or had to stop (model not loadable, port in use, ...)."""
+
+
+class Service:
+    """Everything ``dicom-covid serve`` runs.
+
+    Parameters
+    ----------
+    config : ServiceConfig
+        The configuration.
+    log_level : int, optional
+        Level of the worker process's logging (default: the root logger's effective level).
+    """
+
+    def __init__(self, config: ServiceConfig, log_level: int | None = None) -> None:
+        self.config = config
+        self.log_level = (
+            log_level if log_level is not None else logging.getLogger().getEffectiveLevel()
+        )
+        self.store: JobStore | None = None
+        self.scp: StorageSCP | None = None
+        self.sender: Sender | None = None
+        self._ctx = multiprocessing.get_context("spawn")
+        self._worker: Any = None
+        self._worker_stop: Any = None
+        self._status: Any = None
+        self._log_queue: Any = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._worker_ready = threading.Event()
+        self._fatal: str | None = None
+        self._restarts = 0
+        self._saved_validation: int | None = None
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the listener listens."""
+        assert self.scp is not None
+        return self.scp.address
+
+    def start(self, wait_ready: bool = False, timeout: float = 300.0) -> None:
+        """Start every part; with ``wait_ready`` block until the worker has loaded the model.
+
+        Raises
+        ------
+        ServiceError
+            When the model is unusable, the port cannot be bound or the state folder cannot
+            be written.
+        """
+        c = self.config
+        self._check_model()
+        from pydicom import config as pydicom_config
+
+        self._saved_validation = pydicom_config.settings.reading_validation_mode
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        try:
+            ensure_private_dir(Path(c.state_dir))
+            self.store = JobStore(c.db_path)
+            spool = Spool(c.spool_dir)
+            spool.clean_temporary()
+            Spool(c.results_dir).clean_temporary()
+        except (OSError, sqlite3.Error) as exc:
+            raise ServiceError(
+                f"cannot use the state folder {c.state_dir}: {exc}. Choose a writable folder "
+                "with --state-dir."
+            ) from exc
+        self.store.release_running()
+        self._report_orphans()
+        self._log_queue = self._ctx.Queue()
+        self._start_thread(self._forward_logs, "log forwarder")
+        self.scp = StorageSCP(c.scp, self.store, spool)
+        try:
+            self.scp.start()
+        except OSError as exc:
+            self._shutdown_partial()
+            raise ServiceError(
+                f"cannot listen on {c.scp.host}:{c.scp.port} ({exc.strerror or exc}); choose "
+                "another --port or stop the program using it."
+            ) from exc
+        self.sender = Sender(self.store, c.sender(), on_job_delivered=self._cleanup_job)
+        self.sender.start()
+        self._start_thread(self._group_loop, "grouper")
+        self._start_worker()
+        self._start_thread(self._monitor_loop, "worker monitor")
+        if wait_ready:
+            deadline = time.monotonic() + timeout
+            while not self._worker_ready.is_set():
+                if self._fatal:
+                    self.stop()
+                    raise ServiceError(self._fatal)
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ServiceError(f"the worker did not load the model within {timeout} s")
+                self._worker_ready.wait(0.1)
+
+    def _check_model(self) -> None:
+        """Fail fast (before binding the port) when the bundle or model is unusable."""
+        from dicom_covid.bundle import Bundle
+
+        wc = self.config.worker
+        try:
+            Bundle(wc.bundle).facts(wc.model)
+        except DicomCovidError as exc:
+            raise ServiceError(str(exc)) from exc
+
+    def _report_orphans(self) -> None:
+        assert self.store is not None
+        targets = set(self.config.sender().targets())
+        for target, n in self.store.counts()["targets"].items():
+            if target not in targets and n["pending"]:
+                logger.warning(
+                    "%d result(s) wait for delivery to %s, which is no longer configured; add "
+                    "it back with --destination to deliver them",
+                    n["pending"],
+                    target,
+                )
+
+    def _start_thread(self, fn: Any, name: str) -> None:
+        t = threading.Thread(target=fn, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _start_worker(self) -> None:
+        from .worker import worker_main
+
+        self._worker_stop = self._ctx.Event()
+        self._status = self._ctx.Queue()
+        self._worker = self._ctx.Process(
+            target=worker_main,
+            args=(self.config, self._worker_stop, self._status, self._log_queue, self.log_level),
+            name="dicom-covid-worker",
+            daemon=True,
+        )
+        self._worker.start()
+        logger.info("worker process %d started; loading the model", self._worker.pid)
+
+    @property
+    def ready(self) -> bool:
+        """True once the worker has loaded the model."""
+        return self._worker_ready.is_set()
+
+    @property
+    def worker_pid(self) -> int | None:
+        """Process id of the worker (None when not running)."""
+        return self._worker.pid if self._worker is not None else None
+
+    def run(self) -> int:
+        """Block until SIGINT/SIGTERM or :meth:`stop`; return the exit status (0 or 1)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._on_signal)
+        try:
+            while not self._stop.wait(0.5):
+                pass
+        finally:
+            self.stop()
+        if self._fatal:
+            logger.error("stopped: %s", self._fatal)
+            return 1
+        return 0
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        logger.info("received %s; shutting down", signal.Signals(signum).name)
+        self._stop.set()
+
+    def stop(self, worker_timeout: float = 60.0) -> None:
+        """Shut down cleanly (idempotent)."""
+        self._stop.set()
+        if self.scp is not None:
+            self.scp.stop()
+            self.scp = None
+        if self._worker is not None:
+            self._worker_stop.set()
+            self._worker.join(worker_timeout)
+            if self._worker.is_alive():
+                logger.warning("worker did not stop within %.0f s; terminating it", worker_timeout)
+                self._worker.terminate()
+                self._worker.join(10)
+            self._worker = None
+        if self.sender is not None:
+            self.sender.stop()
+            self.sender = None
+        self._shutdown_partial()
+        logger.info("service stopped")
+
+    def _shutdown_partial(self) -> None:
+        self._stop.set()
+        if self._log_queue is not None:
+            with contextlib.suppress(Exception):
+                self._log_queue.put(None)
+        for t in self._threads:
+            t.join(5)
+        self._threads.clear()
+        if self._log_queue is not None:
+            self._log_queue.close()
+            self._log_queue = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        if self._saved_validation is not None:
+            from pydicom import config as pydicom_config
+
+            pydicom_config.settings.reading_validation_mode = self._saved_validation
+            self._saved_validation = None
+
+    def __enter__(self) -> Service:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- background loops --------------------------------------------------------------------
+
+    def _forward_logs(self) -> None:
+        """Hand the worker's log records to this process's handlers."""
+        q = self._log_queue
+        while True:
+            try:
+                record = q.get(timeout=0.5)
+            except queue.Empty:
+                if self._stop.is_set() and self._worker is None:
+                    return
+                continue
+            except (EOFError, OSError):
+                return
+            if record is None:
+                return
+            logging.getLogger(record.name).handle(record)
+
+    def _group_loop(self) -> None:
+        quiet = self.config.quiet_period
+        interval = max(0.05, min(0.5, quiet / 4))
+        while not self._stop.wait(interval):
+            try:
+                self.store.group_stable_studies(quiet)
+            except Exception:
+                logger.exception("grouping studies failed; retrying")
+
+    def _monitor_loop(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(queue.Empty, EOFError, OSError):
+                kind, detail = self._status.get(timeout=0.5)
+                if kind == "ready":
+                    logger.info("worker ready (model %s); service running", detail)
+                    self._worker_ready.set()
+                else:
+                    self._fatal = f"the worker cannot load the model: {detail}"
+                    self._stop.set()
+                    return
+            w = self._worker
+            if w is not None and not w.is_alive() and not self._stop.is_set():
+                if not self._worker_ready.is_set():
+                    self._fatal = (
+                        f"the worker process exited (exit code {w.exitcode}) before it loaded "
+                        "the model; see the messages above"
+                    )
+                    self._stop.set()
+                    return
+                self._worker_ready.clear()
+                self._restarts += 1
+                delay = min(60.0, 2.0 ** min(self._restarts, 6))
+                logger.error(
+                    "worker process exited unexpectedly (exit code %s); its job goes back to the "
+                    "queue and a new worker starts in %.0f s",
+                    w.exitcode,
+                    delay,
+                )
+                self.store.release_running()
+                if self._stop.wait(delay):
+                    return
+                self._start_worker()
+
+    def _cleanup_job(self, job_id: int) -> None:
+        """Delete a delivered job's received images and result files (unless keep_spool)."""
+        if self.config.keep_spool or self.store is None:
+            return
+        roots = {self.config.spool_dir.resolve(), self.config.results_dir.resolve()}
+        for path in self.store.files_of_job(job_id):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            parent = path.parent.resolve()
+            while parent not in roots and any(r in parent.parents for r in roots):
+                try:
+                    parent.rmdir()  # only when empty
+                except OSError:
+                    break
+                parent = parent.parent

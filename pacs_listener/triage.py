@@ -1,0 +1,116 @@
+"""Header-only triage: is a received instance a candidate for analysis?
+
+A PACS forwards whole studies, so most of what arrives is not for us: CT slices, reports,
+presentation states, lateral views, and our own results coming back. :func:`triage` decides from
+the header alone (pydicom, no pixel decoding, no torch) whether an instance is a frontal CR/DX
+chest radiograph (or an X-ray Secondary Capture); everything else is acknowledged and recorded as
+skipped with a short reason code. The worker still runs the full reader checks
+(:func:`dicom_covid.reader.read_dataset`) on candidates and fails those it rejects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+
+from .config import OWN_MARKER
+
+__all__ = ["CANDIDATE_SOP_CLASSES", "Verdict", "is_own_result", "triage"]
+
+#: SOP classes whose single-frame grayscale images may be chest radiographs.
+CANDIDATE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+}
+_SC = "1.2.840.10008.5.1.4.1.1.7"
+#: Modality values of a radiograph; a Secondary Capture may also say OT (other).
+_XRAY_MODALITIES = {"CR", "DX"}
+_SC_MODALITIES = {"CR", "DX", "OT", ""}
+#: View Position values of lateral projections (same set as the reader's).
+_LATERAL = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "XTABLE LATERAL"}
+_CHEST = ("CHEST", "THORAX", "LUNG", "TORAX", "BRUST", "PECHO", "TORACE", "POITRINE")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of :func:`triage`.
+
+    Attributes
+    ----------
+    candidate : bool
+        True when the instance should be analysed.
+    reason : str
+        Why it is skipped (``"own_result"``, ``"not_image"``, ``"wrong_modality"``,
+        ``"lateral_view"``, ``"not_chest"``, ``"colour"``, ``"multi_frame"``); empty for
+        candidates.
+    detail : str
+        Human-readable detail without patient data (SOP class name, modality, view).
+    """
+
+    candidate: bool
+    reason: str = ""
+    detail: str = ""
+
+
+def is_own_result(ds: Dataset, marker: str = OWN_MARKER) -> bool:
+    """True when ``ds`` was produced by dicom-covid.
+
+    Our results carry ``marker`` at the start of their Manufacturer (``dicom-covid developers``)
+    or of the Manufacturer of a Contributing Equipment item (case-insensitive). The Series
+    Description is not used: the project's own sample images mention dicom-covid there.
+    """
+    own = marker.strip().lower()
+    if not own:
+        return False
+    values = [ds.get("Manufacturer", "")]
+    values += [
+        item.get("Manufacturer", "")
+        for item in (ds.get("ContributingEquipmentSequence", None) or [])
+    ]
+    return any(str(v or "").strip().lower().startswith(own) for v in values)
+
+
+def triage(ds: Dataset, marker: str = OWN_MARKER) -> Verdict:
+    """Decide from the header whether ``ds`` is a frontal chest radiograph to analyse.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The received instance (pixel data is never decoded).
+    marker : str
+        Prefix that marks our own results (see :func:`is_own_result`).
+
+    Returns
+    -------
+    Verdict
+    """
+    sop_class = str(ds.get("SOPClassUID", ""))
+    modality = str(ds.get("Modality", "")).strip().upper()
+    class_name = CANDIDATE_SOP_CLASSES.get(sop_class) or getattr(
+        ds.get("SOPClassUID"), "name", sop_class or "unknown SOP class"
+    )
+    detail = f"{class_name}, modality {modality or 'none'}"
+    if is_own_result(ds, marker):
+        return Verdict(False, "own_result", f"{detail}, produced by {marker}")
+    has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    if sop_class not in CANDIDATE_SOP_CLASSES or not has_pixels:
+        reason = "not_image" if not has_pixels else "wrong_modality"
+        return Verdict(False, reason, detail)
+    allowed = _SC_MODALITIES if sop_class == _SC else _XRAY_MODALITIES | {""}
+    if modality not in allowed:
+        return Verdict(False, "wrong_modality", detail)
+    view = str(ds.get("ViewPosition", "")).strip().upper()
+    if view in _LATERAL:
+        return Verdict(False, "lateral_view", f"{detail}, view {view}")
+    body = str(ds.get("BodyPartExamined", "")).strip().upper()
+    if body and not any(p in body for p in _CHEST):
+        return Verdict(False, "not_chest", f"{detail}, body part {body}")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if photometric and photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return Verdict(False, "colour", f"{detail}, {photometric}")
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        return Verdict(False, "multi_frame", detail)
+    return Verdict(True, "", detail)

@@ -1,0 +1,293 @@
+"""The inference worker: a separate process that turns grouped jobs into SR + SC result files.
+
+:func:`worker_main` runs in a process started with the ``spawn`` method by
+:class:`~pacs_listener.service.Service`. It is the only place torch enters the service: it loads
+the model once (:class:`dicom_covid.inference.Predictor` and, for the heat map,
+:class:`dicom_covid.explain.Explainer`), then claims grouped jobs from the SQLite store and, for
+each candidate image, runs :func:`dicom_covid.results.analyse`, writes the SR and the SC
+atomically under ``results/<job>/<SOPInstanceUID>/`` and records them (one SR and one SC per
+image, enforced by the store) with a pending delivery per target. An image that cannot be
+analysed is marked failed with its reason (``InputRejected.reason`` and message) and the job goes
+on; the listener is never blocked because it runs in another process.
+
+Importing this module does not import torch; :class:`JobProcessor` does, when built.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import logging.handlers
+import os
+import signal
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from dicom_covid.errors import DicomCovidError, InputRejected, ResultEncodingError
+
+from .config import ServiceConfig
+from .jobs import Instance, Job, JobStore, ResultFile
+from .spool import atomic_write, ensure_private_dir, safe_name
+
+__all__ = ["JobProcessor", "load_analysis", "worker_main"]
+
+logger = logging.getLogger(__name__)
+
+#: Header attributes whose values are scrubbed from error messages before they are logged.
+_IDENTIFYING = (
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "PatientBirthDate",
+    "IssuerOfPatientID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "InstitutionName",
+    "OperatorsName",
+    "PerformingPhysicianName",
+)
+
+
+def scrub(text: str, ds: pydicom.Dataset | None) -> str:
+    """Remove the identifying values of ``ds`` from ``text`` (for error messages we log)."""
+    if ds is None:
+        return text
+    for keyword in _IDENTIFYING:
+        try:
+            value = ds.get(keyword)
+        except Exception:
+            continue
+        values = value if isinstance(value, list | tuple | pydicom.multival.MultiValue) else [value]
+        for v in values:
+            s = str(v or "").strip()
+            if len(s) >= 2:
+                text = text.replace(s, "***")
+                if "^" in s:
+                    for part in s.split("^"):
+                        if len(part) >= 3:
+                            text = text.replace(part, "***")
+    return text
+
+
+def load_analysis(
+    bundle: Path | None, model: str | None, device: str = "cpu", explain: bool = True
+) -> Callable[[pydicom.Dataset], Any]:
+    """Load the model once and return ``analyse(dataset) -> ResultSet``.
+
+    Raises
+    ------
+    BundleError
+        When the bundle or model cannot be loaded.
+    """
+    from dicom_covid.inference import Predictor
+    from dicom_covid.results import analyse
+
+    predictor = Predictor(bundle, model, device=device)
+    explainer = None
+    if explain:
+        from dicom_covid.explain import Explainer
+
+        explainer = Explainer(predictor)
+
+    def run(ds: pydicom.Dataset) -> Any:
+        return analyse(ds, predictor, explainer)
+
+    run.model_name = predictor.facts.name  # type: ignore[attr-defined]
+    run.bundle_version = predictor.bundle.version  # type: ignore[attr-defined]
+    return run
+
+
+def _encode(ds: pydicom.Dataset) -> bytes:
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+class JobProcessor:
+    """Processes claimed jobs with an already loaded analysis function.
+
+    Parameters
+    ----------
+    store : JobStore
+        The job store (this process's own connection).
+    results_dir : pathlib.Path
+        Folder for result files (mode 0700).
+    targets : sequence of str
+        Delivery target keys every result is queued for.
+    analyse : callable
+        ``analyse(dataset) -> ResultSet`` with ``prediction``, ``sr`` and ``sc``.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        results_dir: Path,
+        targets: Sequence[str],
+        analyse: Callable[[pydicom.Dataset], Any],
+    ) -> None:
+        self.store = store
+        self.results_dir = ensure_private_dir(Path(results_dir))
+        self.targets = tuple(targets)
+        self.analyse = analyse
+
+    def process(self, job: Job) -> str:
+        """Analyse every grouped image of ``job``; return the job's new state."""
+        t0 = time.monotonic()
+        todo = self.store.job_instances(job.id, states=("grouped", "inferred"))
+        logger.info(
+            "job %d: study %s started (attempt %d, %d image(s))",
+            job.id,
+            job.study_instance_uid,
+            job.attempts,
+            len(todo),
+        )
+        ok = failed = 0
+        for inst in todo:
+            if self._process_image(job, inst):
+                ok += 1
+            else:
+                failed += 1
+        state = self.store.finish_job(job.id)
+        reason = self.store.job(job.id).reason if state == "failed" else None
+        logger.info(
+            "job %d: study %s %s in %.2f s: %d image(s) analysed, %d failed%s",
+            job.id,
+            job.study_instance_uid,
+            state,
+            time.monotonic() - t0,
+            ok,
+            failed,
+            f" ({reason})" if reason else "",
+        )
+        return state
+
+    def _process_image(self, job: Job, inst: Instance) -> bool:
+        t0 = time.monotonic()
+        sop = inst.sop_instance_uid
+        ds = None
+        try:
+            if inst.path is None or not inst.path.is_file():
+                raise FileNotFoundError(f"spooled file of {sop} is missing")
+            ds = pydicom.dcmread(inst.path)
+            result = self.analyse(ds)
+            self.store.set_instance_state(sop, "inferred")
+            files = []
+            folder = ensure_private_dir(self.results_dir / str(job.id) / safe_name(sop))
+            for kind in ("sr", "sc"):
+                obj = getattr(result, kind)
+                path = atomic_write(folder / f"{kind}.dcm", _encode(obj))
+                files.append(
+                    ResultFile(kind, str(obj.SOPInstanceUID), str(obj.StudyInstanceUID), path)
+                )
+            self.store.record_results(job.id, sop, files, self.targets)
+        except InputRejected as exc:
+            return self._fail(job, sop, f"{exc.reason}: {scrub(exc.message, ds)}")
+        except ResultEncodingError as exc:
+            return self._fail(job, sop, f"result_encoding: {scrub(str(exc), ds)}")
+        except FileNotFoundError as exc:
+            return self._fail(job, sop, f"spool_missing: {exc}")
+        except DicomCovidError as exc:
+            return self._fail(job, sop, f"{type(exc).__name__}: {scrub(str(exc), ds)}")
+        except Exception as exc:
+            message = scrub(f"{type(exc).__name__}: {exc}", ds)
+            logger.error("job %d: image %s: unexpected error: %s", job.id, sop, message)
+            return self._fail(job, sop, f"internal_error: {message}")
+        p = result.prediction
+        logger.info(
+            "job %d: image %s analysed in %.2f s: %s (P(covid)=%.3f, threshold %.3f); SR %s, SC %s",
+            job.id,
+            sop,
+            time.monotonic() - t0,
+            p.decision,
+            p.covid_score,
+            p.covid_threshold,
+            files[0].sop_instance_uid,
+            files[1].sop_instance_uid,
+        )
+        return True
+
+    def _fail(self, job: Job, sop: str, reason: str) -> bool:
+        reason = reason[:1000]
+        self.store.set_instance_state(sop, "failed", reason)
+        logger.warning("job %d: image %s failed: %s", job.id, sop, reason)
+        return False
+
+
+def _child_logging(log_queue: Any, level: int) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if log_queue is not None:
+        root.addHandler(logging.handlers.QueueHandler(log_queue))
+    root.setLevel(level)
+
+
+def worker_main(
+    config: ServiceConfig,
+    stop_event: Any,
+    status_queue: Any,
+    log_queue: Any = None,
+    log_level: int = logging.INFO,
+) -> None:
+    """Entry point of the worker process.
+
+    Parameters
+    ----------
+    config : ServiceConfig
+        Service configuration (state folder, targets, model).
+    stop_event : multiprocessing.Event
+        Set by the service to stop after the current image's job.
+    status_queue : multiprocessing.Queue
+        Receives ``("ready", model_name)`` once the model is loaded, or ``("error", message)``.
+    log_queue : multiprocessing.Queue, optional
+        Log records are sent here for the service process to handle.
+    log_level : int
+        Level of this process's root logger.
+    """
+    _child_logging(log_queue, log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service decides when we stop
+    signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
+    from pydicom import config as pydicom_config
+
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    name = f"worker-{os.getpid()}"
+    wc = config.worker
+    try:
+        t0 = time.monotonic()
+        analyse = load_analysis(wc.bundle, wc.model, wc.device, wc.explain)
+    except DicomCovidError as exc:
+        logger.error("%s: the model cannot be loaded: %s", name, exc)
+        status_queue.put(("error", str(exc)))
+        return
+    except Exception as exc:
+        logger.exception("%s: the model cannot be loaded", name)
+        status_queue.put(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    logger.info(
+        "%s: model %s (bundle %s) loaded in %.1f s",
+        name,
+        analyse.model_name,
+        analyse.bundle_version,
+        time.monotonic() - t0,
+    )
+    status_queue.put(("ready", analyse.model_name))
+    store = JobStore(config.db_path)
+    processor = JobProcessor(store, config.results_dir, config.sender().targets(), analyse)
+    try:
+        while not stop_event.is_set():
+            try:
+                job = store.claim_job(name, wc.max_job_attempts)
+            except Exception:
+                logger.exception("%s: cannot claim a job", name)
+                job = None
+            if job is None:
+                stop_event.wait(wc.poll_interval)
+                continue
+            processor.process(job)
+    finally:
+        store.close()
+        logger.info("%s: stopped", name)

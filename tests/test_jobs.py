@@ -1,0 +1,266 @@
+"""The durable job store, the spool, header triage and the service configuration."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from pathlib import Path
+
+import pydicom
+import pytest
+from pacs_helpers import basic_sr, chest_cr, ct_slice, lateral_cr
+
+from pacs_listener.config import (
+    AllowedCaller,
+    ConfigError,
+    Destination,
+    RetryPolicy,
+    ServiceConfig,
+    load_toml,
+)
+from pacs_listener.jobs import JobStore, ResultFile
+from pacs_listener.spool import Spool, atomic_write, safe_name
+from pacs_listener.triage import triage
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = JobStore(tmp_path / "state" / "jobs.sqlite")
+    yield s
+    s.close()
+
+
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def _received(store: JobStore, study: str, n: int, now: float, tmp: Path) -> list[str]:
+    uids = []
+    for i in range(n):
+        uid = f"1.2.3.{study}.{int(now)}.{i}"
+        store.add_instance(uid, study, path=tmp / f"{uid}.dcm", now=now)
+        uids.append(uid)
+    return uids
+
+
+def _results(job_id: int, sop: str, tmp: Path) -> list[ResultFile]:
+    return [
+        ResultFile(k, f"9.{job_id}.{sop}.{k}", "1.2", tmp / f"{sop}.{k}.dcm") for k in ("sr", "sc")
+    ]
+
+
+def test_store_is_private_wal_and_fully_synchronous(store: JobStore, tmp_path: Path) -> None:
+    assert _mode(tmp_path / "state") == 0o700
+    assert _mode(store.path) == 0o600
+    assert store.pragma("journal_mode") == "wal"
+    assert store.pragma("synchronous") == 2  # FULL
+    store.add_instance("1.2.3", "1.2")
+    for suffix in ("-wal", "-shm"):
+        side = Path(str(store.path) + suffix)
+        if side.exists():
+            assert _mode(side) == 0o600
+
+
+def test_duplicate_instance_is_not_added_twice(store: JobStore) -> None:
+    assert store.add_instance("1.2.3", "1.2")
+    assert not store.add_instance("1.2.3", "1.2")
+    assert store.seen("1.2.3") == "duplicate"
+    assert store.seen("1.2.4") is None
+    assert store.counts()["duplicates"] == 1
+
+
+def test_study_is_grouped_after_quiet_period_only(store: JobStore, tmp_path: Path) -> None:
+    _received(store, "7", 2, now=100.0, tmp=tmp_path)
+    store.add_instance("1.2.3.7.ct", "7", state="skipped", reason="wrong_modality", now=104.0)
+    assert store.group_stable_studies(5.0, now=108.0) == []  # a CT slice arrived at 104
+    jobs = store.group_stable_studies(5.0, now=109.5)
+    assert [j.study_instance_uid for j in jobs] == ["7"]
+    assert [i.state for i in store.job_instances(jobs[0].id)] == ["grouped", "grouped"]
+    # an instance arriving later forms a new job of the same study
+    _received(store, "7", 1, now=200.0, tmp=tmp_path / "late")
+    jobs2 = store.group_stable_studies(5.0, now=210.0)
+    assert len(jobs2) == 1 and jobs2[0].id != jobs[0].id
+
+
+def test_job_runs_to_delivered_and_deliveries_are_exactly_once(
+    store: JobStore, tmp_path: Path
+) -> None:
+    uids = _received(store, "5", 2, now=0.0, tmp=tmp_path)
+    (job,) = store.group_stable_studies(1.0, now=10.0)
+    claimed = store.claim_job("w1")
+    assert claimed.id == job.id and claimed.state == "running"
+    assert store.claim_job("w2") is None
+    store.record_results(job.id, uids[0], _results(job.id, uids[0], tmp_path), ["A", "B"])
+    with pytest.raises(sqlite3.IntegrityError):  # one SR + one SC per image, ever
+        store.record_results(job.id, uids[0], _results(job.id, uids[0], tmp_path), ["A"])
+    store.set_instance_state(uids[1], "failed", "decode_failed: truncated")
+    assert store.finish_job(job.id) == "results_written"
+    due_a = store.due_deliveries(["A"])
+    assert len(due_a) == 2 and {d.kind for d in due_a} == {"sr", "sc"}
+    for d in due_a:
+        store.delivery_succeeded(d.result_id, "A")
+    assert store.due_deliveries(["A"]) == []
+    assert store.job(job.id).state == "results_written"  # B still pending
+    states = [store.delivery_succeeded(d.result_id, "B") for d in store.due_deliveries(["B"])]
+    assert states[-1] == "delivered"
+    assert store.instance(uids[0]).state == "delivered"
+    assert store.instance(uids[1]).state == "failed"
+    c = store.counts()
+    assert c["deliveries"]["delivered"] == 4 and c["jobs"]["delivered"] == 1
+
+
+def test_job_without_any_result_fails_with_reasons(store: JobStore, tmp_path: Path) -> None:
+    uids = _received(store, "6", 1, now=0.0, tmp=tmp_path)
+    (job,) = store.group_stable_studies(1.0, now=10.0)
+    store.claim_job("w")
+    store.set_instance_state(uids[0], "failed", "colour: the image is colour")
+    assert store.finish_job(job.id) == "failed"
+    assert store.job(job.id).reason == "1 image(s) failed: colour"
+    assert store.requeue(job_id=job.id) == 1  # analyse again
+    assert store.job(job.id).state == "grouped"
+    assert store.instance(uids[0]).state == "grouped"
+
+
+def test_backoff_dead_letter_and_requeue(store: JobStore, tmp_path: Path) -> None:
+    uids = _received(store, "8", 1, now=0.0, tmp=tmp_path)
+    (job,) = store.group_stable_studies(1.0, now=10.0)
+    store.claim_job("w")
+    store.record_results(job.id, uids[0], _results(job.id, uids[0], tmp_path)[:1], ["D"], now=0)
+    policy = RetryPolicy(base_delay=2.0, max_delay=5.0, max_tries=3)
+    assert [policy.delay(n) for n in (1, 2, 3, 4)] == [2.0, 4.0, 5.0, 5.0]
+    store.finish_job(job.id, now=0)
+    (d,) = store.due_deliveries(["D"], now=0)
+    assert store.delivery_failed(d.result_id, "D", "refused", policy, now=0) == "pending"
+    assert store.due_deliveries(["D"], now=1.9) == []  # backing off
+    assert store.due_deliveries(["D"], now=2.0)
+    assert store.delivery_failed(d.result_id, "D", "refused", policy, now=2) == "pending"
+    assert store.delivery_failed(d.result_id, "D", "refused", policy, now=6) == "dead"
+    job_after = store.job(job.id)
+    assert job_after.state == "dead" and "refused" in job_after.reason
+    assert store.instance(uids[0]).state == "dead"
+    assert store.due_deliveries(["D"], now=1e12) == []
+    assert store.requeue(all_dead=True) == 1
+    assert store.job(job.id).state == "results_written"
+    (again,) = store.due_deliveries(["D"])
+    assert again.tries == 0
+
+
+def test_unfinished_job_resumes_after_restart(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    s1 = JobStore(path)
+    _received(s1, "9", 1, now=0.0, tmp=tmp_path)
+    (job,) = s1.group_stable_studies(1.0, now=10.0)
+    s1.claim_job("dead-worker")
+    s1.close()  # the process "crashes" with the job running
+    s2 = JobStore(path)
+    assert s2.release_running() == 1
+    again = s2.claim_job("new-worker")
+    assert again.id == job.id and again.attempts == 2
+    s2.release_running()
+    s2.claim_job("x")
+    s2.release_running()
+    assert s2.claim_job("y", max_attempts=3) is None  # crashed the worker 3 times: failed
+    assert s2.job(job.id).state == "failed"
+    assert s2.job(job.id).reason.startswith("worker_crashed")
+    s2.close()
+
+
+def test_status_store_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        JobStore(tmp_path / "nope.sqlite", create=False)
+
+
+def test_spool_writes_atomically_and_privately(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    p = spool.write("1.2.3", "1.2.3.4", b"DICM" * 10)
+    assert p.read_bytes() == b"DICM" * 10
+    assert _mode(p) == 0o600 and _mode(p.parent) == 0o700 and _mode(spool.root) == 0o700
+    assert not list(spool.root.rglob("*.tmp"))
+    (p.parent / ".x.dcm.1.abc.tmp").write_bytes(b"half")
+    assert spool.clean_temporary() == 1
+    assert safe_name("1.2.840.10008.1") == "1.2.840.10008.1"
+    assert "/" not in safe_name("../../etc/passwd") and safe_name("../x").startswith("x")
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    target = tmp_path / "missing-dir" / "f.dcm"
+    with pytest.raises(OSError):
+        atomic_write(target, b"x")
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "candidate", "reason"),
+    [
+        (lambda: chest_cr(), True, ""),
+        (lambda: chest_cr(name="chest_dx_presentation.dcm"), True, ""),
+        (lambda: ct_slice(), False, "wrong_modality"),
+        (lambda: basic_sr(), False, "not_image"),
+        (lambda: lateral_cr(), False, "lateral_view"),
+    ],
+    ids=["cr", "dx", "ct", "sr", "lateral"],
+)
+def test_triage(make, candidate: bool, reason: str) -> None:
+    v = triage(make())
+    assert (v.candidate, v.reason) == (candidate, reason)
+    assert "Zyxwvutsrq" not in v.detail
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [("Manufacturer", "dicom-covid developers"), ("Manufacturer", "DICOM-COVID")],
+)
+def test_triage_recognises_our_own_results(keyword: str, value: str) -> None:
+    ds = chest_cr()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # a Secondary Capture like ours
+    assert triage(ds).candidate
+    setattr(ds, keyword, value)
+    assert triage(ds).reason == "own_result"
+    other = chest_cr()
+    item = pydicom.Dataset()
+    item.Manufacturer = "dicom-covid developers"
+    other.ContributingEquipmentSequence = [item]
+    assert triage(other).reason == "own_result"
+
+
+def test_triage_other_body_part_and_colour() -> None:
+    ds = chest_cr()
+    ds.BodyPartExamined = "HAND"
+    assert triage(ds).reason == "not_chest"
+    ds = chest_cr()
+    ds.PhotometricInterpretation = "RGB"
+    assert triage(ds).reason == "colour"
+
+
+def test_config_parsing_and_toml(tmp_path: Path) -> None:
+    d = Destination.parse("ORTHANC@127.0.0.1:4242")
+    assert (d.ae_title, d.host, d.port) == ("ORTHANC", "127.0.0.1", 4242)
+    assert str(Destination.parse("PACS@[::1]:104")) == "PACS@[::1]:104"
+    for bad in ("ORTHANC", "ORTHANC@host", "@h:1", "A@h:99999", "A" * 17 + "@h:1"):
+        with pytest.raises(ConfigError):
+            Destination.parse(bad)
+    assert AllowedCaller.parse("PACS@10.0.0.5") == AllowedCaller("PACS", "10.0.0.5")
+    toml = tmp_path / "serve.toml"
+    toml.write_text(
+        'state_dir = "state"\nquiet_period = 1.5\ndestinations = ["A@127.0.0.1:1"]\n'
+        '[scp]\nport = 1234\nallowed_callers = ["ORTHANC"]\n[retry]\nmax_tries = 2\n'
+    )
+    cfg = ServiceConfig.from_mapping(load_toml(toml), root=tmp_path)
+    assert cfg.state_dir == tmp_path / "state" and cfg.quiet_period == 1.5
+    assert cfg.scp.port == 1234 and cfg.scp.allowed_callers == (AllowedCaller("ORTHANC"),)
+    assert cfg.retry.max_tries == 2 and cfg.destinations[0].port == 1
+    assert cfg.sender().targets() == ("A@127.0.0.1:1",)
+    assert ServiceConfig(state_dir=tmp_path).sender().targets() == (
+        f"dir:{(tmp_path / 'output').resolve()}",
+    )
+    # the CLI's flags go over the file's values, the rest of the file stays
+    cli = cfg.override(scp={"port": 4321}, retry={"base_delay": 0.5}, quiet_period=2.0)
+    assert cli.scp.port == 4321 and cli.scp.allowed_callers == (AllowedCaller("ORTHANC"),)
+    assert cli.retry.base_delay == 0.5 and cli.retry.max_tries == 2 and cli.quiet_period == 2.0
+    with pytest.raises(ConfigError, match="nonsense"):
+        cfg.override(scp={"nonsense": 1})
+    toml.write_text("bogus = 1\n")
+    with pytest.raises(ConfigError, match="bogus"):
+        ServiceConfig.from_mapping(load_toml(toml))
