@@ -103,8 +103,9 @@ class Bundle:
         try:
             chans = self.metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
         except KeyError as exc:
-            raise BundleError("metadata.json lacks network_data_format.outputs.pred.channel_def") \
-                from exc
+            raise BundleError(
+                "metadata.json lacks network_data_format.outputs.pred.channel_def"
+            ) from exc
         return tuple(chans[str(i)] for i in range(len(chans)))
 
     @property
@@ -114,8 +115,11 @@ class Bundle:
 
     def available(self) -> list[str]:
         """Names of the models whose weights are present."""
-        return [n for n in self._own["models"] if (self.root / self._own["models"][n]["weights"])
-                .is_file()]
+        return [
+            n
+            for n in self._own["models"]
+            if (self.root / self._own["models"][n]["weights"]).is_file()
+        ]
 
     def facts(self, name: str | None = None) -> ModelFacts:
         """Facts of model ``name`` (default model when None).
@@ -148,15 +152,22 @@ class Bundle:
                 f"{self.labels}."
             )
         return ModelFacts(
-            name=name, title=raw.get("title", name), labels=labels,
-            input_size=int(raw["input_size"]), mean=tuple(raw["mean"]), std=tuple(raw["std"]),
-            gradcam_layer=raw["gradcam_layer"], covid_threshold=float(raw["covid_threshold"]),
-            weights=weights, raw=raw,
+            name=name,
+            title=raw.get("title", name),
+            labels=labels,
+            input_size=int(raw["input_size"]),
+            mean=tuple(raw["mean"]),
+            std=tuple(raw["std"]),
+            gradcam_layer=raw["gradcam_layer"],
+            covid_threshold=float(raw["covid_threshold"]),
+            weights=weights,
+            raw=raw,
         )
 
 
-def install_model(run_dir: str | Path, bundle_root: str | Path | None = None,
-                  make_default: bool = False) -> Path:
+def install_model(
+    run_dir: str | Path, bundle_root: str | Path | None = None, make_default: bool = False
+) -> Path:
     """Copy a finished training run (``model.safetensors`` + ``model.json``) into a bundle.
 
     Parameters
@@ -184,8 +195,10 @@ def install_model(run_dir: str | Path, bundle_root: str | Path | None = None,
     (models / f"{name}.json").write_text(json.dumps(facts, indent=2) + "\n")
     meta_path = bundle.root / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    meta["dicom_covid"]["models"][name] = {"weights": f"models/{name}.safetensors",
-                                           "facts": f"models/{name}.json"}
+    meta["dicom_covid"]["models"][name] = {
+        "weights": f"models/{name}.safetensors",
+        "facts": f"models/{name}.json",
+    }
     if make_default:
         meta["dicom_covid"]["default_model"] = name
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")

@@ -3,7 +3,7 @@
 Every error says what was found and what to do about it. The tree::
 
     DicomCovidError
-    ├── InputRejected          an input image cannot be classified (not DICOM, colour, CT, lateral, ...)
+    ├── InputRejected          an input cannot be classified (not DICOM, colour, CT, lateral)
     ├── BundleError            the model bundle is missing, incomplete or inconsistent
     ├── DataError              a training/evaluation manifest or data folder is unusable
     ├── ResultEncodingError    a result object (SR, Secondary Capture) could not be built

@@ -94,8 +94,12 @@ class Predictor:
         Unknown model or missing weights.
     """
 
-    def __init__(self, bundle: Bundle | str | Path | None = None, model: str | None = None,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self,
+        bundle: Bundle | str | Path | None = None,
+        model: str | None = None,
+        device: str = "cpu",
+    ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.facts: ModelFacts = self.bundle.facts(model)
         self.device = torch.device(device)
@@ -116,7 +120,7 @@ class Predictor:
         """Softmax probabilities ``(N, C)`` for a sequence of images."""
         out = []
         for i in range(0, len(images), batch_size):
-            x = torch.cat([self.input_tensor(im) for im in images[i:i + batch_size]])
+            x = torch.cat([self.input_tensor(im) for im in images[i : i + batch_size]])
             out.append(torch.softmax(self.model(x).float(), dim=1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
 

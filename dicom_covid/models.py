@@ -142,8 +142,10 @@ def _efficientnet_lite0_imagenet(model: nn.Module) -> None:
             )
         new_state[dst_key] = tensor
     missing = model.load_state_dict(new_state, strict=False)
-    logger.info("loaded ImageNet weights for EfficientNet-Lite0 (head left random: %s)",
-                ", ".join(missing.missing_keys))
+    logger.info(
+        "loaded ImageNet weights for EfficientNet-Lite0 (head left random: %s)",
+        ", ".join(missing.missing_keys),
+    )
 
 
 @dataclass(frozen=True)
@@ -184,19 +186,40 @@ class BackboneSpec:
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("resnet50", "ResNet50", 224, IMAGENET_MEAN, IMAGENET_STD, "layer4",
-                     _resnet50),
-        BackboneSpec("vgg16", "VGG-16", 224, IMAGENET_MEAN, IMAGENET_STD, "features.42",
-                     _vgg16),
-        BackboneSpec("alexnet", "AlexNet", 224, IMAGENET_MEAN, IMAGENET_STD, "features.11",
-                     _alexnet),
-        BackboneSpec("inception_v3", "Inception-v3", 299, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-                     "Mixed_7c", _inception_v3),
-        BackboneSpec("inception_resnet_v2", "InceptionResNet-v2", 299, (0.5, 0.5, 0.5),
-                     (0.5, 0.5, 0.5), "conv2d_7b", _inception_resnet_v2),
-        BackboneSpec("efficientnet_lite0", "EfficientNet-Lite0", 224, (0.5, 0.5, 0.5),
-                     (0.5, 0.5, 0.5), "bn2", _efficientnet_lite0,
-                     imagenet_init=_efficientnet_lite0_imagenet, in_paper=False),
+        BackboneSpec("resnet50", "ResNet50", 224, IMAGENET_MEAN, IMAGENET_STD, "layer4", _resnet50),
+        BackboneSpec("vgg16", "VGG-16", 224, IMAGENET_MEAN, IMAGENET_STD, "features.42", _vgg16),
+        BackboneSpec(
+            "alexnet", "AlexNet", 224, IMAGENET_MEAN, IMAGENET_STD, "features.11", _alexnet
+        ),
+        BackboneSpec(
+            "inception_v3",
+            "Inception-v3",
+            299,
+            (0.5, 0.5, 0.5),
+            (0.5, 0.5, 0.5),
+            "Mixed_7c",
+            _inception_v3,
+        ),
+        BackboneSpec(
+            "inception_resnet_v2",
+            "InceptionResNet-v2",
+            299,
+            (0.5, 0.5, 0.5),
+            (0.5, 0.5, 0.5),
+            "conv2d_7b",
+            _inception_resnet_v2,
+        ),
+        BackboneSpec(
+            "efficientnet_lite0",
+            "EfficientNet-Lite0",
+            224,
+            (0.5, 0.5, 0.5),
+            (0.5, 0.5, 0.5),
+            "bn2",
+            _efficientnet_lite0,
+            imagenet_init=_efficientnet_lite0_imagenet,
+            in_paper=False,
+        ),
     )
 }
 
@@ -263,8 +286,13 @@ def build_model(
         fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
         skipped = sorted(set(state) - set(fitting))
         model.load_state_dict(fitting, strict=False)
-        logger.info("initialised %s from %s: %d tensors loaded, %d skipped", name,
-                    Path(init_checkpoint).name, len(fitting), len(skipped))
+        logger.info(
+            "initialised %s from %s: %d tensors loaded, %d skipped",
+            name,
+            Path(init_checkpoint).name,
+            len(fitting),
+            len(skipped),
+        )
         if not fitting:
             raise BundleError(
                 f"{init_checkpoint}: no tensor fits the {spec.title} network; is it a checkpoint "
@@ -297,8 +325,10 @@ def load_checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
         state = state["model"]
     if not isinstance(state, dict):
         raise BundleError(f"{path}: not a state dict.")
-    return {k.removeprefix("module."): v.float() if v.is_floating_point() else v
-            for k, v in state.items()}
+    return {
+        k.removeprefix("module."): v.float() if v.is_floating_point() else v
+        for k, v in state.items()
+    }
 
 
 def parameter_count(name: str, num_classes: int = 3) -> int:

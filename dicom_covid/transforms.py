@@ -49,7 +49,10 @@ class ResizeSquare(Transform):
         if t.ndim == 2:
             t = t[None]
         out = F.interpolate(
-            t[None], size=(self.size, self.size), mode="bilinear", align_corners=False,
+            t[None],
+            size=(self.size, self.size),
+            mode="bilinear",
+            align_corners=False,
             antialias=True,
         )[0]
         return out.clamp_(0.0, 1.0)
@@ -90,8 +93,13 @@ class ResizeSquared(MapTransform):
 class RepeatNormalized(MapTransform):
     """Dictionary wrapper of :class:`RepeatNormalize`."""
 
-    def __init__(self, keys: Sequence[Hashable], mean: Sequence[float], std: Sequence[float],
-                 allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: Sequence[Hashable],
+        mean: Sequence[float],
+        std: Sequence[float],
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.op = RepeatNormalize(mean, std)
 
@@ -123,9 +131,14 @@ class ChestAugment(Transform):
         Source of randomness, for repeatable runs.
     """
 
-    def __init__(self, degrees: float = 10.0, scale: tuple[float, float] = (0.9, 1.15),
-                 shift: float = 0.06, intensity: float = 0.15,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        degrees: float = 10.0,
+        scale: tuple[float, float] = (0.9, 1.15),
+        shift: float = 0.06,
+        intensity: float = 0.15,
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.degrees = degrees
         self.scale = scale
         self.shift = shift
@@ -142,8 +155,9 @@ class ChestAugment(Transform):
         cos, sin = math.cos(angle) / s, math.sin(angle) / s
         theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=torch.float32)[None]
         grid = F.affine_grid(theta, [1, *img.shape], align_corners=False)
-        out = F.grid_sample(img[None], grid, mode="bilinear", padding_mode="border",
-                            align_corners=False)[0]
+        out = F.grid_sample(
+            img[None], grid, mode="bilinear", padding_mode="border", align_corners=False
+        )[0]
         contrast = self._u(1 - self.intensity, 1 + self.intensity)
         brightness = self._u(-self.intensity / 2, self.intensity / 2)
         gamma = math.exp(self._u(-self.intensity, self.intensity))
@@ -152,8 +166,9 @@ class ChestAugment(Transform):
         return out.clamp_(0.0, 1.0)
 
 
-def preprocess(pixels: np.ndarray | torch.Tensor, size: int, mean: Sequence[float],
-               std: Sequence[float]) -> torch.Tensor:
+def preprocess(
+    pixels: np.ndarray | torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     """Turn a reader output into the network input ``(3, size, size)``.
 
     Parameters
