@@ -64,7 +64,7 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def annotate(rgb: np.ndarray, lines: Sequence[str], max_side: int = 1024):
+def _annotate(rgb: np.ndarray, lines: Sequence[str], max_side: int = 1024):
     """Scale an RGB overlay to at most ``max_side`` pixels and add a text band below it.
 
     Parameters
@@ -147,7 +147,7 @@ def _write_overlays(
         pred = predictor.predict(image)
         tgt = pred.label if target == "predicted" else target
         heat = explainer.heatmap(image, tgt)
-        png = annotate(overlay(image, heat), _lines(pred, explainer.method, tgt), max_side)
+        png = _annotate(overlay(image, heat), _lines(pred, explainer.method, tgt), max_side)
         stem = f"{f.stem}_{explainer.method.replace('++', 'pp')}_{tgt}"
         name, k = f"{stem}.png", 1
         while name in used:
@@ -248,6 +248,7 @@ def _write_gallery(
                     ax.set_ylabel(f"true: {label}", fontsize=11, fontweight="bold")
                 items = picks[label][kind]
                 if j >= len(items):
+                    ax.imshow(np.full((256, 256, 3), 255, dtype=np.uint8))  # same cell shape
                     ax.text(
                         0.5,
                         0.5,
