@@ -6,12 +6,33 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from ..errors import DicomCovidError
 
-__all__ = ["fail_on_error", "setup_logging"]
+__all__ = ["BundleOption", "ModelOption", "fail_on_error", "setup_logging"]
+
+#: ``--model/--backbone``: a model of the bundle, shared by every command that classifies.
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "--backbone",
+        help="Model name in the bundle (default: the bundle's default).",
+    ),
+]
+#: ``--bundle``: the MONAI bundle folder.
+BundleOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="MONAI bundle folder (default: the bundle shipped with dicom-covid).",
+        exists=True,
+        file_okay=False,
+    ),
+]
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:

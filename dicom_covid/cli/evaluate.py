@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from ._app import app
-from .common import fail_on_error, setup_logging
+from .common import BundleOption, ModelOption, fail_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -39,22 +39,8 @@ def evaluate(
             "when not given or when the manifest has no split column."
         ),
     ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "--backbone",
-            help="Model name in the bundle (default: the bundle's default).",
-        ),
-    ] = None,
-    bundle: Annotated[
-        Path | None,
-        typer.Option(
-            help="MONAI bundle folder (default: the bundle shipped with dicom-covid).",
-            exists=True,
-            file_okay=False,
-        ),
-    ] = None,
+    model: ModelOption = None,
+    bundle: BundleOption = None,
     output_json: Annotated[
         Path | None, typer.Option(help="Write the metrics as JSON to this file.", dir_okay=False)
     ] = None,

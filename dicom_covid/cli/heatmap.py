@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ._app import app
-from .common import fail_on_error, setup_logging
+from .common import BundleOption, ModelOption, fail_on_error, setup_logging
 
 if TYPE_CHECKING:
     import numpy as np
@@ -299,22 +299,8 @@ def heatmap(
         Path | None,
         typer.Option(file_okay=False, help="Folder for the PNG overlays (file mode)."),
     ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "--backbone",
-            help="Model name in the bundle (default: the bundle's default).",
-        ),
-    ] = None,
-    bundle: Annotated[
-        Path | None,
-        typer.Option(
-            help="MONAI bundle folder (default: the bundle shipped with dicom-covid).",
-            exists=True,
-            file_okay=False,
-        ),
-    ] = None,
+    model: ModelOption = None,
+    bundle: BundleOption = None,
     method: Annotated[
         str, typer.Option(help="CAM method: gradcam, gradcam++, xgradcam, hirescam or layercam.")
     ] = "gradcam",

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ._app import app
-from .common import fail_on_error, setup_logging
+from .common import BundleOption, ModelOption, fail_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -42,22 +42,8 @@ def predict(
             help="DICOM, PNG or JPEG files, or folders to search recursively.", exists=True
         ),
     ],
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "--backbone",
-            help="Model name in the bundle (default: the bundle's default).",
-        ),
-    ] = None,
-    bundle: Annotated[
-        Path | None,
-        typer.Option(
-            help="MONAI bundle folder (default: the bundle shipped with dicom-covid).",
-            exists=True,
-            file_okay=False,
-        ),
-    ] = None,
+    model: ModelOption = None,
+    bundle: BundleOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 8,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,

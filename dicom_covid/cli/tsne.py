@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ._app import app
-from .common import fail_on_error, setup_logging
+from .common import BundleOption, ModelOption, fail_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -20,22 +20,8 @@ def tsne(
         Path,
         typer.Option(file_okay=False, help="Folder for the PNG (two panels) and the CSV."),
     ],
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            "--backbone",
-            help="Model name in the bundle (default: the bundle's default).",
-        ),
-    ] = None,
-    bundle: Annotated[
-        Path | None,
-        typer.Option(
-            help="MONAI bundle folder (default: the bundle shipped with dicom-covid).",
-            exists=True,
-            file_okay=False,
-        ),
-    ] = None,
+    model: ModelOption = None,
+    bundle: BundleOption = None,
     data: Annotated[
         Path | None,
         typer.Option(
