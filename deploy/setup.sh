@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc orthanc-dicomweb orthanc-gdcm dcmtk dicom3tools)
+APT_PACKAGES=(orthanc orthanc-dicomweb orthanc-gdcm dcmtk dicom3tools nginx-light chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}" ${EXTRA_APT_PACKAGES:-}; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -32,5 +32,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[dev]'
   echo "$want" > "$stamp"
+fi
+# The browser test drives the system Chromium with playwright-core (no browser download).
+if [ ! -d tests/viewer/node_modules/playwright-core ]; then
+  echo "[setup] installing playwright-core for the browser test"
+  (cd tests/viewer && npm ci --no-audit --no-fund --loglevel=error)
 fi
 echo "[setup] ready: $(.venv/bin/dicom-covid --help >/dev/null && echo 'dicom-covid installed')"
