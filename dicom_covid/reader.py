@@ -248,7 +248,16 @@ def read_dataset(
         When the dataset cannot be classified.
     """
     config = config or ReaderConfig()
-    _check_header(ds, config, source)
+    try:
+        _check_header(ds, config, source)
+    except InputRejected:
+        raise
+    except Exception as exc:  # a value pydicom cannot convert (IS "x", US of 3 bytes, ...)
+        raise InputRejected(
+            "bad_header",
+            f"{source}: a header value cannot be read ({type(exc).__name__}: {exc}). Re-export "
+            "the image with a valid header.",
+        ) from exc
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts_name = ts.name if ts is not None else None
     _check_codestream_end(ds, ts, source)
@@ -272,7 +281,14 @@ def read_dataset(
             "bad_dimensions",
             f"{source}: decoded pixel data has shape {raw.shape}; expected one grayscale frame.",
         )
-    arr = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+    try:
+        arr = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+    except Exception as exc:  # Rescale Slope "x", a Modality LUT that does not fit, ...
+        raise InputRejected(
+            "bad_header",
+            f"{source}: the Modality LUT / Rescale Slope and Intercept cannot be applied "
+            f"({type(exc).__name__}: {exc}). Re-export the image with a valid header.",
+        ) from exc
     pixels, voi = _apply_voi(arr, ds)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if photometric == "MONOCHROME1":
@@ -403,26 +419,40 @@ def _check_header(ds: Dataset, config: ReaderConfig, source: str) -> None:
 
 def _apply_voi(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, str]:
     """Map modality values to [0, 1] with the dataset's first window / VOI LUT."""
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is not None and width is not None:
-        c = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
-        w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
-        if w > 1:
-            func = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-            if func == "SIGMOID":
-                out = 1.0 / (1.0 + np.exp(-4.0 * (arr - c) / w))
-            elif func == "LINEAR_EXACT":
-                out = (arr - c) / w + 0.5
-            else:
-                out = (arr - (c - 0.5)) / (w - 1.0) + 0.5
-            return np.clip(out, 0.0, 1.0), "window"
-    out = _voi_lut(arr, ds)
+    try:
+        c, w = _first_number(ds.get("WindowCenter")), _first_number(ds.get("WindowWidth"))
+    except Exception:  # an unreadable window is ignored, as a viewer would
+        c = w = None
+    if c is not None and w is not None and w > 1:
+        func = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        if func == "SIGMOID":
+            out = 1.0 / (1.0 + np.exp(-4.0 * (arr - c) / w))
+        elif func == "LINEAR_EXACT":
+            out = (arr - c) / w + 0.5
+        else:
+            out = (arr - (c - 0.5)) / (w - 1.0) + 0.5
+        return np.clip(out, 0.0, 1.0), "window"
+    try:
+        out = _voi_lut(arr, ds)
+    except Exception:  # an unusable VOI LUT is ignored
+        out = None
     if out is not None:
         return out, "voi_lut"
     lo, hi = np.percentile(arr, [0.5, 99.5])
     if hi <= lo:
         hi = lo + 1.0
     return np.clip((arr - lo) / (hi - lo), 0.0, 1.0), "percentile"
+
+
+def _first_number(value: object) -> float | None:
+    """The first value of a (possibly multi-valued) DS element as a float; None when absent."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        if not value:
+            return None
+        value = value[0]
+    return float(value)  # type: ignore[arg-type]
 
 
 def _voi_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
@@ -460,8 +490,11 @@ def _voi_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
 
 def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(keyword)
-        if value is not None and len(value) == 2:
+        try:
+            value = ds.get(keyword)
+        except Exception:  # unreadable spacing is only a missing fact, not a reason to reject
+            continue
+        if isinstance(value, pydicom.multival.MultiValue | list | tuple) and len(value) == 2:
             try:
                 row, col = float(value[0]), float(value[1])
             except (TypeError, ValueError):

@@ -203,7 +203,9 @@ class ScpConfig:
     maximum_associations : int
         Concurrent associations accepted (default 8); more are rejected as "local limit exceeded".
     maximum_pdu_size : int
-        Largest P-DATA PDU we accept, in bytes (default 65536; 0 means unlimited).
+        Largest P-DATA PDU we announce to peers, in bytes (default 65536; 0 means unlimited).
+        Conforming peers never send larger ones; pynetdicom still reads a larger PDU from a peer
+        that ignores the limit (what one peer can make us buffer is what it actually sends).
     acse_timeout, dimse_timeout, network_timeout : float
         Seconds to wait for association messages (30), DIMSE messages (60) and any network
         activity before an idle association is closed (60).

@@ -597,13 +597,23 @@ class JobStore:
             )
             return self._refresh_job(con, job_id, now)
 
-    def release_running(self) -> int:
-        """Put jobs left ``running`` (worker stopped or crashed) back to ``grouped``."""
+    def release_running(self, count_attempt: bool = True) -> int:
+        """Put jobs left ``running`` (worker stopped or crashed) back to ``grouped``.
+
+        Parameters
+        ----------
+        count_attempt : bool
+            Keep the claim counted towards ``max_attempts`` (default True: the worker died on
+            the job while the service ran). False when a new service run finds jobs its
+            predecessor left running: the whole service stopped (kill -9, power cut, container
+            restart), which says nothing about the job, so repeated restarts never fail it.
+        """
         with self._tx() as con:
             n = con.execute(
-                "UPDATE jobs SET state = 'grouped', claimed_by = NULL, updated_at = ? "
+                "UPDATE jobs SET state = 'grouped', claimed_by = NULL, updated_at = ?, "
+                "attempts = CASE WHEN ? THEN attempts ELSE MAX(attempts - 1, 0) END "
                 "WHERE state = 'running'",
-                (time.time(),),
+                (time.time(), int(count_attempt)),
             ).rowcount
             con.execute(
                 "UPDATE instances SET state = 'grouped' WHERE state = 'inferred' "

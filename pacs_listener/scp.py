@@ -9,7 +9,8 @@ and answers. Status codes:
 0x0000    stored (or acknowledged: duplicate, skipped object, our own result)
 0xA700    out of resources: free disk below ``min_free_bytes``, or spool/store not writable
 0xA900    data set does not match the SOP class / instance of the C-STORE request
-0xC210    cannot understand: the data set cannot be parsed, or lacks its UIDs
+0xC210    cannot understand: the data set cannot be parsed, lacks its UIDs, or is incomplete (a
+          value shorter than its length, a CR/DX/SC image without Pixel Data)
 0xC211    unexpected error in the handler (logged with a traceback)
 ========  ===========================================================================
 
@@ -54,7 +55,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from .config import ScpConfig, TlsConfig
 from .jobs import JobStore
 from .spool import Spool, free_bytes
-from .triage import Verdict, triage
+from .triage import Verdict, incomplete, triage
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
@@ -359,6 +360,19 @@ class StorageSCP:
                 "UID in the data set",
                 stats.number,
                 rq_sop,
+            )
+            return STATUS_CANNOT_UNDERSTAND
+        try:
+            cut = incomplete(ds)
+        except Exception as exc:
+            cut = type(exc).__name__
+        if cut:
+            logger.warning(
+                "association %d: instance %s refused (0xC210): the data set is incomplete (%s); "
+                "the sender should send it again",
+                stats.number,
+                rq_sop,
+                cut,
             )
             return STATUS_CANNOT_UNDERSTAND
         if (rq_sop and sop != rq_sop) or (rq_class and sop_class != rq_class):

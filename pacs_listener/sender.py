@@ -47,7 +47,10 @@ def client_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
 
 
 def send_files(
-    paths: Sequence[Path], destination: Destination, config: SenderConfig
+    paths: Sequence[Path],
+    destination: Destination,
+    config: SenderConfig,
+    on_result: Callable[[int, str | None], None] | None = None,
 ) -> list[str | None]:
     """Send DICOM files to a destination over one association.
 
@@ -59,6 +62,10 @@ def send_files(
         The C-STORE SCP.
     config : SenderConfig
         Calling AE title, timeouts, TLS.
+    on_result : callable, optional
+        Called as ``on_result(index, error)`` right after the destination answered for file
+        ``index`` (``error`` None when it confirmed it), before the next file is sent, so the
+        caller can commit each confirmation at once.
 
     Returns
     -------
@@ -128,6 +135,8 @@ def send_files(
                 errors[i] = "no response (association aborted or timed out)"
             else:
                 errors[i] = f"C-STORE status 0x{code:04X}"
+            if on_result is not None:
+                on_result(i, errors[i])
             if not assoc.is_established:
                 for j in range(i + 1, len(datasets)):
                     if datasets[j] is not None:
@@ -219,56 +228,71 @@ class Sender:
         due = self.store.due_deliveries([target], now=now, limit=self.batch_size)
         if not due:
             return 0
+        delivered = 0
+        settled: set[int] = set()
+
+        def settle(i: int, error: str | None) -> None:
+            nonlocal delivered
+            settled.add(i)
+            delivered += self._settle(due[i], target, error)
+
         if target.startswith("dir:"):
-            errors = [self._copy(d, Path(target[4:])) for d in due]
+            for i, d in enumerate(due):
+                settle(i, self._copy(d, Path(target[4:])))
         else:
             dest = self._destinations[target]
+            # each confirmation is committed as soon as it arrives (not after the batch), so a
+            # crash in the middle of an association re-sends at most the result in flight
             try:
-                errors = send_files([d.path for d in due], dest, self.config)
+                errors = send_files([d.path for d in due], dest, self.config, on_result=settle)
             except DeliveryError as exc:
                 errors = [str(exc)] * len(due)
             except Exception as exc:  # network layer errors, TLS set-up, ...
                 errors = [f"{type(exc).__name__}: {exc}"] * len(due)
-        delivered = 0
-        for d, error in zip(due, errors, strict=True):
-            if error is None:
-                delivered += 1
-                state = self.store.delivery_succeeded(d.result_id, target)
-                logger.info(
-                    "job %d: %s %s delivered to %s",
+            for i, error in enumerate(errors):
+                if i not in settled:
+                    settle(i, error)
+        return delivered
+
+    def _settle(self, d: Delivery, target: str, error: str | None) -> int:
+        """Record the outcome of one delivery try; return 1 when it was delivered."""
+        if error is None:
+            state = self.store.delivery_succeeded(d.result_id, target)
+            logger.info(
+                "job %d: %s %s delivered to %s",
+                d.job_id,
+                d.kind.upper(),
+                d.sop_instance_uid,
+                target,
+            )
+            if state == "delivered":
+                self._job_delivered(d.job_id)
+        else:
+            state = self.store.delivery_failed(d.result_id, target, error, self.config.retry)
+            if state == "dead":
+                logger.error(
+                    "job %d: %s %s dead-lettered for %s after %d tries (%s); re-queue it "
+                    "with 'dicom-covid retry --job %d' once the destination works",
                     d.job_id,
                     d.kind.upper(),
                     d.sop_instance_uid,
                     target,
+                    d.tries + 1,
+                    error,
+                    d.job_id,
                 )
-                if state == "delivered":
-                    self._job_delivered(d.job_id)
             else:
-                state = self.store.delivery_failed(d.result_id, target, error, self.config.retry)
-                if state == "dead":
-                    logger.error(
-                        "job %d: %s %s dead-lettered for %s after %d tries (%s); re-queue it "
-                        "with 'dicom-covid retry --job %d' once the destination works",
-                        d.job_id,
-                        d.kind.upper(),
-                        d.sop_instance_uid,
-                        target,
-                        d.tries + 1,
-                        error,
-                        d.job_id,
-                    )
-                else:
-                    logger.warning(
-                        "job %d: %s %s not delivered to %s (try %d: %s); retrying in %.1f s",
-                        d.job_id,
-                        d.kind.upper(),
-                        d.sop_instance_uid,
-                        target,
-                        d.tries + 1,
-                        error,
-                        self.config.retry.delay(d.tries + 1),
-                    )
-        return delivered
+                logger.warning(
+                    "job %d: %s %s not delivered to %s (try %d: %s); retrying in %.1f s",
+                    d.job_id,
+                    d.kind.upper(),
+                    d.sop_instance_uid,
+                    target,
+                    d.tries + 1,
+                    error,
+                    self.config.retry.delay(d.tries + 1),
+                )
+        return 0 if error else 1
 
     def _copy(self, d: Delivery, folder: Path) -> str | None:
         try:

@@ -110,7 +110,7 @@ class Service:
                 f"cannot use the state folder {c.state_dir}: {exc}. Choose a writable folder "
                 "with --state-dir."
             ) from exc
-        self.store.release_running()
+        self.store.release_running(count_attempt=False)  # the last run stopped, not the job
         self._report_orphans()
         self._log_queue = self._ctx.Queue()
         self._start_thread(self._forward_logs, "log forwarder")

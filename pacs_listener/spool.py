@@ -24,10 +24,20 @@ _UID_RE = re.compile(r"^[0-9][0-9.]{0,63}$")
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) with mode 0700 when missing; tighten it when it exists."""
+    """Create ``path`` (and parents) with mode 0700 when missing; tighten it when it exists.
+
+    Every folder created here gets 0700 whatever the umask (``mkdir(parents=True)`` would give
+    the missing parents the umask's mode); existing parents are left alone.
+    """
+    missing = []
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with contextlib.suppress(PermissionError):
-        os.chmod(path, 0o700)
+    for p in (path, *missing):
+        with contextlib.suppress(PermissionError, FileNotFoundError):
+            os.chmod(p, 0o700)
     return path
 
 

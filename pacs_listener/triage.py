@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 
 from .config import OWN_MARKER
 
-__all__ = ["CANDIDATE_SOP_CLASSES", "Verdict", "is_own_result", "triage"]
+__all__ = ["CANDIDATE_SOP_CLASSES", "Verdict", "incomplete", "is_own_result", "triage"]
 
 #: SOP classes whose single-frame grayscale images may be chest radiographs.
 CANDIDATE_SOP_CLASSES = {
@@ -53,6 +53,33 @@ class Verdict:
     candidate: bool
     reason: str = ""
     detail: str = ""
+
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def incomplete(ds: Dataset) -> str | None:
+    """Say how a received data set was cut short, or None when it looks complete.
+
+    pydicom parses a cut data set without raising: a defined-length element keeps the bytes
+    that arrived, and an undefined-length one (encapsulated Pixel Data) is dropped. So a value
+    shorter than its declared length, or a candidate image (CR, DX, SC) without any pixel data,
+    means the data set is incomplete and must be refused rather than acknowledged.
+    """
+    from pydicom.dataelem import RawDataElement
+
+    for elem in ds.elements():
+        if (
+            isinstance(elem, RawDataElement)
+            and elem.value is not None
+            and elem.length != 0xFFFFFFFF
+            and len(elem.value) < elem.length
+        ):
+            return f"element {elem.tag} holds {len(elem.value)} of its {elem.length} bytes"
+    sop_class = str(ds.get("SOPClassUID", "") or "").strip()
+    if sop_class in CANDIDATE_SOP_CLASSES and not any(k in ds for k in _PIXEL_KEYWORDS):
+        return f"a {CANDIDATE_SOP_CLASSES[sop_class]} data set without Pixel Data"
+    return None
 
 
 def is_own_result(ds: Dataset, marker: str = OWN_MARKER) -> bool:
@@ -95,7 +122,7 @@ def triage(ds: Dataset, marker: str = OWN_MARKER) -> Verdict:
     detail = f"{class_name}, modality {modality or 'none'}"
     if is_own_result(ds, marker):
         return Verdict(False, "own_result", f"{detail}, produced by {marker}")
-    has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    has_pixels = any(k in ds for k in _PIXEL_KEYWORDS)
     if sop_class not in CANDIDATE_SOP_CLASSES or not has_pixels:
         reason = "not_image" if not has_pixels else "wrong_modality"
         return Verdict(False, reason, detail)
