@@ -292,9 +292,12 @@ class SenderConfig:
     retry : RetryPolicy
         Backoff and dead-lettering.
     poll_interval : float
-        Seconds between looks for due deliveries (default 1).
+        Seconds between looks for due deliveries (default 0.25: a cheap SQLite read; results
+        are written by the worker process, so the sender finds them by polling).
     acse_timeout, dimse_timeout, network_timeout : float
-        Association timeouts towards destinations (30, 60, 60 s).
+        Association timeouts towards destinations (30, 20, 60 s). The DIMSE timeout is kept
+        short: when pynetdicom loses a C-STORE response under heavy load (seen in
+        ``benchmarks/load.py``), delivery stalls for this long before the retry.
     tls : TlsConfig or None
         DICOM TLS towards destinations.
     """
@@ -303,9 +306,9 @@ class SenderConfig:
     destinations: tuple[Destination, ...] = ()
     output_dir: Path | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    poll_interval: float = 1.0
+    poll_interval: float = 0.25
     acse_timeout: float = 30.0
-    dimse_timeout: float = 60.0
+    dimse_timeout: float = 20.0
     network_timeout: float = 60.0
     tls: TlsConfig | None = None
 
@@ -412,7 +415,7 @@ class ServiceConfig:
             output_dir=out,
             retry=self.retry,
             acse_timeout=self.scp.acse_timeout,
-            dimse_timeout=self.scp.dimse_timeout,
+            dimse_timeout=min(self.scp.dimse_timeout, SenderConfig.dimse_timeout),
             network_timeout=self.scp.network_timeout,
             tls=self.scp.tls,
         )
