@@ -54,7 +54,7 @@ import typer
 
 from ..errors import DicomCovidError
 from ._app import app
-from .common import fail_on_error, setup_logging
+from .common import BundleOption, ModelOption, fail_on_error, setup_logging
 
 __all__ = [
     "DEFAULT_SAMPLES",
@@ -981,17 +981,8 @@ def demo(
             "~/.local/state/dicom-covid/demo); its demo entries are replaced on start.",
         ),
     ] = None,
-    bundle: Annotated[
-        Path | None,
-        typer.Option(
-            exists=True,
-            file_okay=False,
-            help="MONAI bundle folder (default: the bundle shipped with dicom-covid).",
-        ),
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="Model name in the bundle (default: its default).")
-    ] = None,
+    bundle: BundleOption = None,
+    model: ModelOption = None,
     device: Annotated[str | None, typer.Option(help="Torch device (default cpu).")] = None,
     timeout: Annotated[
         float, typer.Option(min=1, help="Seconds to wait for the results (default 600).")
