@@ -132,6 +132,47 @@ def test_heatmap_gallery(throwaway: Path, tiny_data: Path, tmp_path: Path) -> No
     # At least one cell holds a coloured overlay.
     assert (np.abs(rgb[..., 0] - rgb[..., 2]) > 60).sum() > 1000
     assert DISCLAIMER in result.stdout
+    # Every image shown is credited with its source and licence.
+    credits = (output.parent / "gallery_credits.md").read_text()
+    cells = [line for line in credits.splitlines() if line.startswith("| ") and "/" in line]
+    assert 1 <= len(cells) <= 6
+    manifest = {r.extra["original_file"]: r.extra["license"] for r in read_manifest(tiny_data)}
+    for line in cells:
+        original, licence = line.split(" | ")[3], line.split(" | ")[2]
+        assert manifest[original] == licence
+
+    # --redistributable draws only images whose licence allows publishing them.
+    from dicom_covid.cli.heatmap import REDISTRIBUTABLE_LICENCES
+
+    allowed = [
+        r for r in read_manifest(tiny_data) if r.extra["license"] in REDISTRIBUTABLE_LICENCES
+    ]
+    result = runner.invoke(
+        app,
+        [
+            "heatmap",
+            "--gallery",
+            "--bundle",
+            str(throwaway),
+            "--data",
+            str(tiny_data),
+            "--per-class",
+            "1",
+            "--max-scan",
+            "4",
+            "--output",
+            str(output),
+            "--no-progress",
+            "--redistributable",
+        ],
+    )
+    if not allowed:
+        assert result.exit_code == 2 and "redistributable" in result.output
+        return
+    assert result.exit_code == 0, result.output
+    credits = (output.parent / "gallery_credits.md").read_text()
+    shown = [ln.split(" | ")[2] for ln in credits.splitlines() if ln.startswith("| ") and "/" in ln]
+    assert shown and set(shown) <= set(REDISTRIBUTABLE_LICENCES)
 
 
 def test_tsne_command(throwaway: Path, tiny_data: Path, tmp_path: Path) -> None:

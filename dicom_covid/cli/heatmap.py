@@ -170,7 +170,7 @@ def _pick_gallery(
     max_scan: int,
     seed: int,
     progress: bool,
-) -> tuple[dict[str, dict[str, list[tuple[XrayImage, np.ndarray]]]], dict[str, int]]:
+) -> tuple[dict[str, dict[str, list[tuple[XrayImage, np.ndarray, ManifestRow]]]], dict[str, int]]:
     """Up to ``per_class`` correct and wrong images per true class, scanning a seeded sample."""
     import numpy as np
     from tqdm.auto import tqdm
@@ -180,7 +180,7 @@ def _pick_gallery(
 
     labels = list(predictor.labels)
     rng = np.random.default_rng(seed)
-    picks: dict[str, dict[str, list[tuple[XrayImage, np.ndarray]]]] = {}
+    picks: dict[str, dict[str, list[tuple[XrayImage, np.ndarray, ManifestRow]]]] = {}
     scanned: dict[str, int] = {}
     bar = tqdm(total=0, desc="scanning", unit="img", disable=not progress)
     for label in labels:
@@ -192,20 +192,22 @@ def _pick_gallery(
         for start in range(0, len(order), 8):
             if all(len(v) >= per_class for v in picks[label].values()):
                 break
-            images = []
+            images, used = [], []
             for i in order[start : start + 8]:
                 bar.update()
                 try:
                     images.append(read_image(cands[int(i)].path))
+                    used.append(cands[int(i)])
                 except InputRejected as exc:
                     logger.warning("gallery: skipped a %s image (%s)", label, exc.reason)
             scanned[label] += len(images)
             if not images:
                 continue
-            for image, p in zip(images, predictor.probabilities(images), strict=True):
+            probs = predictor.probabilities(images)
+            for image, p, row in zip(images, probs, used, strict=True):
                 kind = "correct" if labels[int(np.argmax(p))] == label else "wrong"
                 if len(picks[label][kind]) < per_class:
-                    picks[label][kind].append((image, p))
+                    picks[label][kind].append((image, p, row))
     bar.close()
     return picks, scanned
 
@@ -232,6 +234,7 @@ def _write_gallery(
 
     labels = list(predictor.labels)
     picks, scanned = _pick_gallery(predictor, rows, per_class, max_scan, seed, progress)
+    credits: list[tuple[str, ManifestRow]] = []
     ncols = 2 * per_class
     fig = Figure(figsize=(2.3 * ncols + 0.6, 2.75 * len(labels) + 1.0))
     FigureCanvasAgg(fig)
@@ -262,7 +265,8 @@ def _write_gallery(
                     for spine in ax.spines.values():
                         spine.set_color("#cccccc")
                     continue
-                image, p = items[j]
+                image, p, row = items[j]
+                credits.append((f"{label} / {kind} {j + 1}", row))
                 pred = labels[int(np.argmax(p))]
                 tgt = pred if target == "predicted" else target
                 heat = explainer.heatmap(image, tgt)
@@ -284,7 +288,36 @@ def _write_gallery(
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=100)
+    _write_credits(output, credits)
     return output
+
+
+#: Licences under which a dataset image may be shown, downscaled, in a committed figure.
+REDISTRIBUTABLE_LICENCES = ("CC BY", "CC BY 3.0", "CC BY 4.0", "CC0", "CC0 1.0", "public domain")
+
+
+def _write_credits(output: Path, credits: Sequence[tuple[str, ManifestRow]]) -> Path:
+    """Write ``<output stem>_credits.md``: source, licence and origin of every image shown."""
+    from ..inference import DISCLAIMER
+
+    lines = [
+        f"# Image credits for {output.name}",
+        "",
+        "Images are shown downscaled to 256 px with a heat map blended over them.",
+        "",
+        "| Cell | Source | Licence | Original | Link |",
+        "|---|---|---|---|---|",
+    ]
+    for cell, row in credits:
+        ex = row.extra
+        lines.append(
+            f"| {cell} | {row.source} | {ex.get('license', 'unknown')} | "
+            f"{ex.get('original_file', '')} | {ex.get('original_url', '')} |"
+        )
+    lines += ["", f"_{DISCLAIMER}_", ""]
+    path = output.with_name(output.stem + "_credits.md")
+    path.write_text("\n".join(lines))
+    return path
 
 
 @app.command()
@@ -335,6 +368,14 @@ def heatmap(
         Path | None, typer.Option(dir_okay=False, help="Gallery: PNG file to write.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Gallery: seed of the image sample.")] = 0,
+    redistributable: Annotated[
+        bool,
+        typer.Option(
+            "--redistributable",
+            help="Gallery: draw only images whose manifest licence allows redistribution with "
+            "credit (CC BY, CC BY 3.0/4.0, CC0, public domain), for figures you publish.",
+        ),
+    ] = False,
     device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
     progress: Annotated[bool, typer.Option(help="Show a progress bar (gallery).")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
@@ -379,6 +420,14 @@ def heatmap(
 
             data_dir = data if data is not None else default_data_dir()
             rows = read_manifest(data_dir, split or None)
+            if redistributable:
+                rows = [r for r in rows if r.extra.get("license") in REDISTRIBUTABLE_LICENCES]
+                if not rows:
+                    raise typer.BadParameter(
+                        "no image of the split has a redistributable licence in the manifest's "
+                        "'license' column",
+                        param_hint="--redistributable",
+                    )
             out = _write_gallery(
                 predictor,
                 explainer,
@@ -391,7 +440,7 @@ def heatmap(
                 f"{split or 'all'} split of {data_dir.name}",
                 progress,
             )
-            typer.echo(f"gallery: {out}")
+            typer.echo(f"gallery: {out} (credits: {out.stem}_credits.md)")
             typer.echo(DISCLAIMER)
             return
         written, rejected = _write_overlays(
