@@ -1,0 +1,98 @@
+"""The trained models committed in ``monai_bundle/``: weights policy, facts, reports, behaviour.
+
+Every model listed in ``configs/metadata.json`` is checked: fp16 weights whose tensors match the
+registry's network, facts consistent with the bundle, a committed test-split report, the same
+probabilities for every encoding of the sample chest CR, and better-than-chance accuracy on a
+few labelled test images (a model with random weights fails that).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from dicom_covid.bundle import Bundle
+from dicom_covid.config import DEFAULT_BUNDLE_DIR
+from dicom_covid.inference import Predictor
+from dicom_covid.models import BACKBONES, build_model
+from dicom_covid.reader import read_image
+from dicom_covid.training.data import LABELS, read_manifest
+
+BUNDLE = Bundle()
+META = BUNDLE.metadata["dicom_covid"]["models"]
+SINGLE = sorted(n for n, e in META.items() if "members" not in e)
+DOCS = DEFAULT_BUNDLE_DIR / "docs"
+
+
+def test_bundle_weights_fit_the_size_budget() -> None:
+    files = [p for p in DEFAULT_BUNDLE_DIR.rglob("*") if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    assert total <= 250 * 2**20, f"bundle is {total / 2**20:.1f} MB (> 250 MB)"
+    # One weights file per model, nothing left over from earlier runs.
+    weights = {p.stem for p in (DEFAULT_BUNDLE_DIR / "models").glob("*.safetensors")}
+    listed = {Path(e["weights"]).stem for e in META.values() if "weights" in e}
+    assert listed <= weights
+    assert BUNDLE.default_model in SINGLE or BUNDLE.default_model in META
+
+
+@pytest.mark.parametrize("name", SINGLE)
+def test_weights_are_fp16_and_match_the_network(name: str) -> None:
+    facts = BUNDLE.facts(name)
+    net = build_model(name, len(facts.labels))
+    expected = {k: v.shape for k, v in net.state_dict().items() if v.dtype.is_floating_point}
+    with safe_open(str(facts.weights), framework="pt") as fh:
+        keys = set(fh.keys())
+        assert set(expected) <= keys
+        for k in expected:
+            t = fh.get_tensor(k)
+            assert tuple(t.shape) == tuple(expected[k]), k
+            assert str(t.dtype) == "torch.float16", k
+    raw = facts.raw
+    assert raw["backbone"] == name and tuple(raw["labels"]) == BUNDLE.labels
+    assert raw["gradcam_layer"] == BACKBONES[name].gradcam_layer
+    assert 0.0 < facts.covid_threshold < 1.0
+    assert raw["parameters"] == sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("name", SINGLE)
+def test_each_model_has_a_committed_test_report(name: str) -> None:
+    metrics = json.loads((DOCS / f"{name}_test" / "metrics.json").read_text())
+    assert metrics["model"] == name and metrics["split"] == "test"
+    assert metrics["n"] >= 1000 and metrics["n_rejected"] == 0
+    assert (DOCS / f"{name}_test" / "report.md").is_file()
+    lo, hi = metrics["accuracy_ci"]
+    assert lo <= metrics["accuracy"] <= hi
+
+
+@pytest.mark.parametrize("name", SINGLE)
+def test_every_encoding_of_the_sample_gives_the_same_probabilities(
+    name: str, sample_dir: Path
+) -> None:
+    predictor = Predictor(model=name)
+    files = sorted(sample_dir.glob("*.dcm"))
+    probs = predictor.probabilities([read_image(f) for f in files])
+    assert probs.shape == (len(files), len(LABELS))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # The samples are one chest CR in several encodings and photometric forms.
+    assert np.abs(probs - probs[0]).max() < 0.02, dict(
+        zip([f.name for f in files], probs, strict=True)
+    )
+
+
+@pytest.mark.parametrize("name", SINGLE)
+def test_trained_models_beat_chance_on_labelled_test_images(name: str, cxr_data: Path) -> None:
+    rows = read_manifest(cxr_data, "test")
+    picked = []
+    for label in LABELS:
+        of_label = [r for r in rows if r.label == label]
+        picked += of_label[:: len(of_label) // 8][:8]
+    predictor = Predictor(model=name)
+    probs = predictor.probabilities([read_image(r.path) for r in picked])
+    hits = [LABELS[int(np.argmax(p))] == r.label for p, r in zip(probs, picked, strict=True)]
+    accuracy = float(np.mean(hits))
+    # Chance is 1/3; the committed models reach >= 0.9 on the whole split.
+    assert accuracy >= 0.7, f"{name}: accuracy {accuracy:.2f} on {len(picked)} test images"
