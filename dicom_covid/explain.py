@@ -9,6 +9,12 @@ Geometry: preprocessing squashes the whole image to ``S x S`` (aspect ratio not 
 it to ``(rows, columns)``. A heat map from :meth:`Explainer.heatmap` therefore lines up pixel for
 pixel with ``XrayImage.pixels`` and with the source DICOM.
 
+Ensembles: for a predictor of an ensemble of bundle models, :class:`Explainer` runs the CAM of
+each member network (each with its own target layer and input size) and averages them:
+:meth:`Explainer.heatmap` averages the members' heat maps at the source resolution,
+:meth:`Explainer.cam` the members' CAMs resampled to the largest member input size. The mean is
+not rescaled, so a region that only some members look at stays cooler than one they all agree on.
+
 Besides the heat map this module gives an RGB :func:`overlay` for display and
 :func:`hot_region_outline`, a closed polygon around the hottest region, used as the region of
 the DICOM SR. RESEARCH USE ONLY: a heat map shows what a model looked at, not where disease is.
@@ -80,7 +86,8 @@ class Explainer:
     Parameters
     ----------
     predictor : Predictor
-        Loaded model; its ``facts.gradcam_layer`` names the target layer.
+        Loaded model; its ``facts.gradcam_layer`` names the target layer. For an ensemble, one
+        member explainer per member network (:attr:`members`) does the work.
     method : str
         One of :data:`CAM_METHODS` (default ``"gradcam"``).
 
@@ -109,6 +116,16 @@ class Explainer:
         self.predictor = predictor
         self.method = key
         self._cam_class = getattr(pytorch_grad_cam, CAM_METHODS[key])
+        #: One explainer per member network of an ensemble; empty for a single model.
+        self.members: list[Explainer] = []
+        if getattr(predictor, "is_ensemble", False):
+            self.members = [Explainer(m, method) for m in predictor.members]
+            self.layer_name = ", ".join(
+                f"{e.predictor.facts.name}:{e.layer_name}" for e in self.members
+            )
+            self.layer = None
+            self._size = max(int(e.predictor.facts.input_size) for e in self.members)
+            return
         self.layer_name = predictor.facts.gradcam_layer
         self.layer = resolve_layer(predictor.model, self.layer_name)
 
@@ -125,12 +142,19 @@ class Explainer:
         Returns
         -------
         numpy.ndarray
+            For an ensemble, ``(S, S)`` with ``S`` the largest member input size: the mean of the
+            members' CAMs, each resized bilinearly to ``S x S``.
         """
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         labels = list(self.predictor.labels)
         if target not in labels:
             raise ValueError(f"unknown target {target!r}; the model's labels are {labels}")
+        if self.members:
+            total = torch.zeros((1, 1, self._size, self._size))
+            for member in self.members:
+                total += _resize(member.cam(image, target), (self._size, self._size))
+            return (total[0, 0] / len(self.members)).clamp_(0.0, 1.0).numpy()
         model = self.predictor.model
         x = self.predictor.input_tensor(image)
         x = x.as_tensor() if hasattr(x, "as_tensor") else x  # plain tensor, never a MetaTensor
@@ -156,11 +180,18 @@ class Explainer:
         -------
         numpy.ndarray
             ``float32`` array of shape ``image.shape`` with values in ``[0, 1]`` (1 = hottest).
+            For an ensemble, the mean of the members' heat maps.
         """
-        small = torch.from_numpy(self.cam(image, target))[None, None]
         rows, cols = image.shape
-        big = F.interpolate(small, size=(rows, cols), mode="bilinear", align_corners=False)
-        heat = big[0, 0].clamp_(0.0, 1.0).numpy().astype(np.float32, copy=False)
+        if self.members:
+            heat = self.members[0].heatmap(image, target)
+            for member in self.members[1:]:
+                heat += member.heatmap(image, target)
+            heat /= len(self.members)
+            np.clip(heat, 0.0, 1.0, out=heat)
+        else:
+            big = _resize(self.cam(image, target), (rows, cols))
+            heat = big[0, 0].clamp_(0.0, 1.0).numpy().astype(np.float32, copy=False)
         logger.debug(
             "%s heat map %dx%d for %s (max %.3f)",
             self.method,
@@ -170,6 +201,14 @@ class Explainer:
             float(heat.max()),
         )
         return heat
+
+
+def _resize(cam: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a 2-D CAM to ``size`` as a ``(1, 1, rows, cols)`` float32 tensor."""
+    small = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
+    if tuple(small.shape[-2:]) == tuple(size):
+        return small
+    return F.interpolate(small, size=size, mode="bilinear", align_corners=False)
 
 
 def _jet(values: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .bundle import Bundle, ModelFacts
+from .errors import BundleError
 from .models import build_model, load_checkpoint_weights
 from .reader import XrayImage, read_image
 from .transforms import preprocess
@@ -46,7 +47,7 @@ class Prediction:
     covid_suspected : bool
         ``covid_score >= covid_threshold``: the screening decision.
     model_name, model_title : str
-        Backbone key and display name.
+        Model name (backbone key or ensemble name) and display name.
     bundle_version : str
         Version of the bundle the model came from.
     image_facts : dict
@@ -79,19 +80,31 @@ class Prediction:
 class Predictor:
     """A bundle model loaded once, ready to classify.
 
+    The model may be a single network or an ensemble of the bundle (see
+    :mod:`dicom_covid.bundle`). An ensemble loads each member once, as a member
+    :class:`Predictor` with its own preprocessing and input size (:attr:`members`), and
+    :meth:`probabilities` returns the mean of the members' softmax outputs; its threshold, name
+    and title are the ensemble's own.
+
     Parameters
     ----------
     bundle : Bundle or path, optional
         Bundle to take the model from (default: the project's ``monai_bundle/``).
     model : str, optional
-        Model name in the bundle (default: the bundle's default model).
+        Model name in the bundle, single or ensemble (default: the bundle's default model).
     device : str
         Torch device (default ``"cpu"``).
 
     Raises
     ------
     BundleError
-        Unknown model or missing weights.
+        Unknown model, missing weights, or (ensemble) a member that is unknown or missing.
+
+    Notes
+    -----
+    A single model has one network, :attr:`model`, fed by :meth:`input_tensor`. An ensemble has
+    none of its own: :attr:`model` and :meth:`input_tensor` raise :class:`BundleError` and the
+    networks are those of :attr:`members`.
     """
 
     def __init__(
@@ -103,21 +116,79 @@ class Predictor:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.facts: ModelFacts = self.bundle.facts(model)
         self.device = torch.device(device)
-        net = build_model(self.facts.name, len(self.facts.labels))
-        net.load_state_dict(load_checkpoint_weights(self.facts.weights))
-        self.model: nn.Module = net.eval().to(self.device)
         self.labels = self.facts.labels
         self._covid = self.labels.index("covid")
+        self._model: nn.Module | None = None
+        self._members: list[Predictor] = []
+        if self.facts.is_ensemble:
+            self._members = [Predictor(self.bundle, m, device) for m in self.facts.members]
+            logger.info(
+                "loaded ensemble %s (%s) from bundle %s",
+                self.facts.name,
+                ", ".join(self.facts.members),
+                self.bundle.version,
+            )
+            return
+        net = build_model(self.facts.name, len(self.facts.labels))
+        net.load_state_dict(load_checkpoint_weights(self.facts.weights))
+        self._model = net.eval().to(self.device)
         logger.info("loaded model %s from bundle %s", self.facts.name, self.bundle.version)
 
+    @property
+    def is_ensemble(self) -> bool:
+        """True when the model is an ensemble of bundle models."""
+        return self.facts.is_ensemble
+
+    @property
+    def members(self) -> list[Predictor]:
+        """The loaded networks: one :class:`Predictor` per member, or ``[self]`` (single model)."""
+        return list(self._members) if self.is_ensemble else [self]
+
+    @property
+    def model(self) -> nn.Module:
+        """The network (eval mode).
+
+        Raises
+        ------
+        BundleError
+            For an ensemble, which has one network per member (see :attr:`members`).
+        """
+        if self._model is None:
+            raise BundleError(self._no_single_network("model"))
+        return self._model
+
+    def _no_single_network(self, what: str) -> str:
+        return (
+            f"model {self.facts.name!r} is an ensemble of {', '.join(self.facts.members)}: it "
+            f"has no single {what}. Choose one of its members instead (in code, "
+            "Predictor.members holds one Predictor per member network)."
+        )
+
     def input_tensor(self, image: XrayImage) -> torch.Tensor:
-        """Network input ``(1, 3, S, S)`` for one image (the shared preprocessing path)."""
+        """Network input ``(1, 3, S, S)`` for one image (the shared preprocessing path).
+
+        Raises
+        ------
+        BundleError
+            For an ensemble: each member has its own input (see :attr:`members`).
+        """
+        if self.is_ensemble:
+            raise BundleError(self._no_single_network("input tensor"))
         f = self.facts
         return preprocess(image.pixels, f.input_size, f.mean, f.std)[None].to(self.device)
 
     @torch.no_grad()
     def probabilities(self, images: Sequence[XrayImage], batch_size: int = 16) -> np.ndarray:
-        """Softmax probabilities ``(N, C)`` for a sequence of images."""
+        """Softmax probabilities ``(N, C)`` for a sequence of images.
+
+        For an ensemble, the mean of the members' probabilities (each member preprocesses the
+        images for its own input size and normalisation).
+        """
+        if self.is_ensemble:
+            if not len(images):
+                return np.zeros((0, len(self.labels)))
+            per_member = [m.probabilities(images, batch_size) for m in self._members]
+            return np.mean(np.stack(per_member), axis=0)
         out = []
         for i in range(0, len(images), batch_size):
             x = torch.cat([self.input_tensor(im) for im in images[i : i + batch_size]])

@@ -10,7 +10,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_throwaway_bundle(
-    root: Path, backbone: str = "efficientnet_lite0", covid_threshold: float = 0.5, seed: int = 0
+    root: Path,
+    backbone: str = "efficientnet_lite0",
+    covid_threshold: float = 0.5,
+    seed: int = 0,
+    input_size: int | None = None,
 ) -> Path:
     """Write a bundle with one randomly initialised model into ``root``.
 
@@ -27,11 +31,41 @@ def make_throwaway_bundle(
         Operating threshold written into the model facts.
     seed : int
         Torch seed for the random weights.
+    input_size : int, optional
+        Input side written into the facts (default: the registry's); small sizes keep tests fast.
 
     Returns
     -------
     pathlib.Path
         ``root``.
+    """
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(
+        ROOT / "monai_bundle" / "configs" / "metadata.json", root / "configs" / "metadata.json"
+    )
+    add_throwaway_model(root, backbone, covid_threshold, seed, input_size)
+    meta_path = root / "configs" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["dicom_covid"]["default_model"] = backbone
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return root
+
+
+def add_throwaway_model(
+    root: Path,
+    backbone: str,
+    covid_threshold: float = 0.5,
+    seed: int = 0,
+    input_size: int | None = None,
+) -> Path:
+    """Add (or replace) one randomly initialised model in an existing throw-away bundle.
+
+    The default model is left as it is. Parameters as in :func:`make_throwaway_bundle`.
+
+    Returns
+    -------
+    pathlib.Path
+        The weights file written.
     """
     import torch
     from safetensors.torch import save_file
@@ -39,23 +73,20 @@ def make_throwaway_bundle(
     from dicom_covid.models import BACKBONES, build_model
 
     spec = BACKBONES[backbone]
-    (root / "configs").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(
-        ROOT / "monai_bundle" / "configs" / "metadata.json", root / "configs" / "metadata.json"
-    )
     torch.manual_seed(seed)
     model = build_model(backbone, 3)
     state = {
         k: (v.half() if v.is_floating_point() else v).contiguous()
         for k, v in model.state_dict().items()
     }
-    save_file(state, str(root / "models" / f"{backbone}.safetensors"))
+    weights = root / "models" / f"{backbone}.safetensors"
+    save_file(state, str(weights))
     facts = {
         "backbone": backbone,
         "title": spec.title,
         "labels": ["covid", "normal", "pneumonia"],
-        "input_size": spec.input_size,
+        "input_size": input_size or spec.input_size,
         "mean": list(spec.mean),
         "std": list(spec.std),
         "gradcam_layer": spec.gradcam_layer,
@@ -68,6 +99,5 @@ def make_throwaway_bundle(
         "weights": f"models/{backbone}.safetensors",
         "facts": f"models/{backbone}.json",
     }
-    meta["dicom_covid"]["default_model"] = backbone
     meta_path.write_text(json.dumps(meta, indent=2))
-    return root
+    return weights

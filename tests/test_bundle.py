@@ -88,10 +88,16 @@ def test_configs_are_json_and_share_the_network_definition() -> None:
 def test_metadata_contract() -> None:
     meta = json.loads(META.read_text())
     own = meta["dicom_covid"]
-    assert own["default_model"] in BACKBONES
+    assert own["default_model"] in own["models"]
     for name, entry in own["models"].items():
-        assert name in BACKBONES
-        assert set(entry) >= {"weights", "facts"}
+        if "members" in entry:  # an ensemble of single models of this bundle
+            assert set(entry) >= {"members", "facts"} and "weights" not in entry
+            assert all(
+                m in BACKBONES and "members" not in own["models"][m] for m in entry["members"]
+            )
+        else:
+            assert name in BACKBONES
+            assert set(entry) >= {"weights", "facts"}
     channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
     assert tuple(channels[str(i)] for i in range(len(channels))) == LABELS
     assert "RESEARCH USE ONLY" in meta["description"]
