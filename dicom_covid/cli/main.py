@@ -8,6 +8,7 @@ from . import demo as _demo  # noqa: F401
 from . import ensemble as _ensemble  # noqa: F401
 from . import evaluate as _evaluate  # noqa: F401
 from . import heatmap as _heatmap  # noqa: F401
+from . import lungs as _lungs  # noqa: F401
 from . import predict as _predict  # noqa: F401
 from . import retry as _retry  # noqa: F401
 from . import serve as _serve  # noqa: F401
