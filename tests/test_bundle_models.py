@@ -26,6 +26,7 @@ from dicom_covid.training.data import LABELS, read_manifest
 BUNDLE = Bundle()
 META = BUNDLE.metadata["dicom_covid"]["models"]
 SINGLE = sorted(n for n, e in META.items() if "members" not in e)
+ENSEMBLES = sorted(n for n, e in META.items() if "members" in e)
 DOCS = DEFAULT_BUNDLE_DIR / "docs"
 
 
@@ -69,7 +70,7 @@ def test_weights_are_fp16_and_match_the_network(name: str) -> None:
     assert raw["parameters"] == sum(p.numel() for p in net.parameters())
 
 
-@pytest.mark.parametrize("name", SINGLE)
+@pytest.mark.parametrize("name", SINGLE + ENSEMBLES)
 def test_each_model_has_a_committed_test_report(name: str) -> None:
     metrics = json.loads((DOCS / f"{name}_test" / "metrics.json").read_text())
     assert metrics["model"] == name and metrics["split"] == "test"
@@ -107,3 +108,15 @@ def test_trained_models_beat_chance_on_labelled_test_images(name: str, cxr_data:
     accuracy = float(np.mean(hits))
     # Chance is 1/3; the committed models reach >= 0.9 on the whole split.
     assert accuracy >= 0.7, f"{name}: accuracy {accuracy:.2f} on {len(picked)} test images"
+
+
+@pytest.mark.parametrize("name", ENSEMBLES)
+def test_committed_ensembles_average_their_members(name: str, sample_dir: Path) -> None:
+    facts = BUNDLE.facts(name)
+    assert set(facts.members) <= set(SINGLE) and len(facts.members) >= 2
+    image = read_image(sample_dir / "chest_cr_mono1.dcm")
+    ensemble = Predictor(model=name)
+    expected = np.mean([m.probabilities([image])[0] for m in ensemble.members], axis=0)
+    np.testing.assert_allclose(ensemble.probabilities([image])[0], expected, atol=1e-5)
+    pred = ensemble.predict(image)
+    assert pred.model_name == name and pred.covid_threshold == facts.covid_threshold
