@@ -75,7 +75,7 @@ def _train_facts(bundle: Bundle | None, name: str) -> dict:
     except Exception:  # a model evaluated from another bundle: no training facts
         return {}
     if raw.get("kind") == "ensemble":
-        return {"init": "ensemble of " + ", ".join(raw.get("members", []))}
+        return {"init": f"ensemble (mean of {len(raw.get('members', []))})"}
     cfg = raw.get("train_config", {})
     history = raw.get("history", [])
     spec = BACKBONES.get(name)
@@ -251,7 +251,7 @@ def plot_comparison(rows: Sequence[dict], path: str | Path) -> Path:
     """
     path = Path(path)
     rows = list(rows)[::-1]  # best on top
-    titles = [r["title"] for r in rows]
+    titles = [r["title"] if len(r["title"]) <= 22 else r["model"] for r in rows]
     y = np.arange(len(rows))
     fig = Figure(figsize=(15, 0.55 * len(rows) + 2.4))
     axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1.1]})
@@ -300,7 +300,7 @@ def plot_comparison(rows: Sequence[dict], path: str | Path) -> Path:
         size = 30 + 6 * (r.get("parameters") or 0) / 1e6
         ax.scatter(r["predict_ms"], r["accuracy"], s=size, alpha=0.6, color="#229954")
         ax.annotate(
-            r["title"],
+            r["title"] if len(r["title"]) <= 22 else r["model"],
             (r["predict_ms"], r["accuracy"]),
             textcoords="offset points",
             xytext=(5, 4),
