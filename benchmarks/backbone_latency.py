@@ -20,27 +20,16 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from predict_latency import _time  # same timing loop, benchmarks/ is on sys.path
 
 from dicom_covid.bundle import Bundle
 from dicom_covid.inference import Predictor
 from dicom_covid.reader import read_image
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _time(fn, runs: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1000.0)
-    return out
 
 
 def measure(name: str, image: Path, runs: int) -> dict[str, object]:
