@@ -52,6 +52,8 @@ class Prediction:
         Version of the bundle the model came from.
     image_facts : dict
         What the reader used (format, view, photometric interpretation, ...); no patient data.
+    model_members : tuple of str
+        Member models when the model is an ensemble, else empty.
     """
 
     probabilities: dict[str, float]
@@ -63,6 +65,7 @@ class Prediction:
     model_title: str
     bundle_version: str
     image_facts: dict = field(default_factory=dict)
+    model_members: tuple[str, ...] = ()
 
     @property
     def decision(self) -> str:
@@ -208,6 +211,7 @@ class Predictor:
             model_title=self.facts.title,
             bundle_version=self.bundle.version,
             image_facts=image.facts() if image is not None else {},
+            model_members=tuple(self.facts.members),
         )
 
     def predict(self, image: XrayImage) -> Prediction:

@@ -317,6 +317,20 @@ def test_analyse_and_pacs_worker_with_an_ensemble(bundle_dir: Path, sample_dir: 
         assert ds.StudyInstanceUID == source.StudyInstanceUID
         models = [item.ManufacturerModelName for item in ds.ContributingEquipmentSequence]
         assert any("Ensemble of AlexNet, EfficientNet-Lite0" in m for m in models), models
+    # The SR's algorithm parameters name the members, so a reader can tell what ran.
+    assert result.prediction.model_members == MEMBERS
+    params = [
+        str(item.TextValue)
+        for item in _walk(sr.ContentSequence)
+        if getattr(item, "ValueType", "") == "TEXT"
+    ]
+    assert f"ensemble_members={'+'.join(MEMBERS)}" in params, params
+
+
+def _walk(seq):
+    for item in seq:
+        yield item
+        yield from _walk(getattr(item, "ContentSequence", []))
 
 
 def test_monai_inference_config_refuses_an_ensemble(bundle_dir: Path, tmp_path: Path) -> None:

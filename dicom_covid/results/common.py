@@ -90,6 +90,8 @@ class ModelIdentity:
         Version of the model bundle.
     covid_threshold : float
         Operating threshold on P(COVID-19).
+    members : tuple of str
+        Member models of an ensemble (empty for a single model).
     """
 
     software_version: str
@@ -97,6 +99,7 @@ class ModelIdentity:
     model_title: str
     bundle_version: str
     covid_threshold: float
+    members: tuple[str, ...] = ()
 
     @classmethod
     def from_prediction(cls, prediction: Prediction) -> ModelIdentity:
@@ -107,6 +110,7 @@ class ModelIdentity:
             model_title=prediction.model_title,
             bundle_version=prediction.bundle_version,
             covid_threshold=float(prediction.covid_threshold),
+            members=tuple(prediction.model_members),
         )
 
     @property
@@ -136,6 +140,7 @@ class ModelIdentity:
             "backbone": self.model_name,
             "bundle_version": self.bundle_version,
             "covid_threshold": f"{self.covid_threshold:.6g}",
+            **({"ensemble_members": "+".join(self.members)} if self.members else {}),
             **extra,
         }
         return [f"{k}={v}" for k, v in items.items()]
