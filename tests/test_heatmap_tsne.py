@@ -105,26 +105,11 @@ def test_heatmap_rejections_and_usage_errors(
 
 def test_heatmap_gallery(throwaway: Path, tiny_data: Path, tmp_path: Path) -> None:
     output = tmp_path / "figs" / "gallery.png"
-    result = runner.invoke(
-        app,
-        [
-            "heatmap",
-            "--gallery",
-            "--bundle",
-            str(throwaway),
-            "--data",
-            str(tiny_data),
-            "--split",
-            "test",
-            "--per-class",
-            "1",
-            "--max-scan",
-            "4",
-            "--output",
-            str(output),
-            "--no-progress",
-        ],
-    )
+    args = [
+        "heatmap", "--gallery", "--bundle", str(throwaway), "--data", str(tiny_data),
+        "--per-class", "1", "--max-scan", "4", "--output", str(output), "--no-progress",
+    ]  # fmt: skip
+    result = runner.invoke(app, [*args, "--split", "test"])
     assert result.exit_code == 0, result.output
     with Image.open(output) as im:
         assert 300 < im.width < 2000 and 400 < im.height < 2000
@@ -147,25 +132,7 @@ def test_heatmap_gallery(throwaway: Path, tiny_data: Path, tmp_path: Path) -> No
     allowed = [
         r for r in read_manifest(tiny_data) if r.extra["license"] in REDISTRIBUTABLE_LICENCES
     ]
-    result = runner.invoke(
-        app,
-        [
-            "heatmap",
-            "--gallery",
-            "--bundle",
-            str(throwaway),
-            "--data",
-            str(tiny_data),
-            "--per-class",
-            "1",
-            "--max-scan",
-            "4",
-            "--output",
-            str(output),
-            "--no-progress",
-            "--redistributable",
-        ],
-    )
+    result = runner.invoke(app, [*args, "--redistributable"])
     if not allowed:
         assert result.exit_code == 2 and "redistributable" in result.output
         return
