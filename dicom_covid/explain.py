@@ -115,6 +115,7 @@ class Explainer:
 
         self.predictor = predictor
         self.method = key
+        self.last_box: tuple[float, float, float, float] | None = None
         self._cam_class = getattr(pytorch_grad_cam, CAM_METHODS[key])
         #: One explainer per member network of an ensemble; empty for a single model.
         self.members: list[Explainer] = []
@@ -156,7 +157,11 @@ class Explainer:
                 total += _resize(member.cam(image, target), (self._size, self._size))
             return (total[0, 0] / len(self.members)).clamp_(0.0, 1.0).numpy()
         model = self.predictor.model
-        x = self.predictor.input_tensor(image)
+        x, info = self.predictor.prepared(image)
+        #: Where the network input lies on the source (fractions top, bottom, left, right);
+        #: None when it covers the whole image (no lung crop).
+        self.last_box = info.get("lung_box")
+        x = x[None].to(self.predictor.device)
         x = x.as_tensor() if hasattr(x, "as_tensor") else x  # plain tensor, never a MetaTensor
         # Gradients must reach the target layer even where parameters are frozen.
         x = x.detach().clone().requires_grad_(True)
@@ -190,8 +195,19 @@ class Explainer:
             heat /= len(self.members)
             np.clip(heat, 0.0, 1.0, out=heat)
         else:
-            big = _resize(self.cam(image, target), (rows, cols))
-            heat = big[0, 0].clamp_(0.0, 1.0).numpy().astype(np.float32, copy=False)
+            small = self.cam(image, target)
+            if self.last_box is None:
+                big = _resize(small, (rows, cols))
+                heat = big[0, 0].clamp_(0.0, 1.0).numpy().astype(np.float32, copy=False)
+            else:
+                # The network saw the lung crop only: its map goes back inside the crop box.
+                t, b, left, r = self.last_box
+                t, b = round(t * rows), max(round(b * rows), round(t * rows) + 1)
+                left = round(left * cols)
+                r = max(round(r * cols), left + 1)
+                heat = np.zeros((rows, cols), dtype=np.float32)
+                inner = _resize(small, (b - t, r - left))[0, 0].clamp_(0.0, 1.0).numpy()
+                heat[t:b, left:r] = inner
         logger.debug(
             "%s heat map %dx%d for %s (max %.3f)",
             self.method,

@@ -19,8 +19,9 @@ from torch import nn
 from .bundle import Bundle, ModelFacts
 from .errors import BundleError
 from .models import build_model, load_checkpoint_weights
+from .preprocessing import Preprocessing
 from .reader import XrayImage, read_image
-from .transforms import preprocess
+from .transforms import RepeatNormalize
 
 __all__ = ["DISCLAIMER", "Prediction", "Predictor"]
 
@@ -132,10 +133,60 @@ class Predictor:
                 self.bundle.version,
             )
             return
-        net = build_model(self.facts.name, len(self.facts.labels))
-        net.load_state_dict(load_checkpoint_weights(self.facts.weights))
-        self._model = net.eval().to(self.device)
+        self._load_network()
         logger.info("loaded model %s from bundle %s", self.facts.name, self.bundle.version)
+
+    def _load_network(self) -> None:
+        f = self.facts
+        net = build_model(f.raw.get("backbone", f.name), len(f.labels))
+        net.load_state_dict(load_checkpoint_weights(f.weights))
+        self._model = net.eval().to(self.device)
+        #: The model's input pipeline, from its facts (see :mod:`dicom_covid.preprocessing`).
+        self.preprocessing = Preprocessing(f.input_size, f.raw.get("preprocessing") or {})
+        self._normalize = RepeatNormalize(f.mean, f.std)
+        #: Softmax temperature fitted on the val split (1.0 when the model was not calibrated).
+        self.temperature = float(f.raw.get("temperature", 1.0))
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "cpu") -> Predictor:
+        """A predictor for a finished training run that is not installed in a bundle.
+
+        Parameters
+        ----------
+        run_dir : path
+            Output folder of :func:`dicom_covid.training.train.train` (``model.json`` and
+            ``model.safetensors``).
+        device : str
+            Torch device.
+
+        Returns
+        -------
+        Predictor
+        """
+        import json
+
+        run_dir = Path(run_dir)
+        raw = json.loads((run_dir / "model.json").read_text())
+        self = cls.__new__(cls)
+        self.bundle = Bundle()
+        self.facts = ModelFacts(
+            name=raw["backbone"],
+            title=raw.get("title", raw["backbone"]),
+            labels=tuple(raw["labels"]),
+            input_size=int(raw["input_size"]),
+            mean=tuple(raw["mean"]),
+            std=tuple(raw["std"]),
+            gradcam_layer=raw["gradcam_layer"],
+            covid_threshold=float(raw["covid_threshold"]),
+            weights=run_dir / "model.safetensors",
+            raw=raw,
+        )
+        self.device = torch.device(device)
+        self.labels = self.facts.labels
+        self._covid = self.labels.index("covid")
+        self._members = []
+        self._load_network()
+        return self
 
     @property
     def is_ensemble(self) -> bool:
@@ -177,8 +228,20 @@ class Predictor:
         """
         if self.is_ensemble:
             raise BundleError(self._no_single_network("input tensor"))
-        f = self.facts
-        return preprocess(image.pixels, f.input_size, f.mean, f.std)[None].to(self.device)
+        return self.prepared(image)[0][None].to(self.device)
+
+    def prepared(self, image: XrayImage) -> tuple[torch.Tensor, dict]:
+        """Normalised network input ``(3, S, S)`` and the preprocessing facts of one image.
+
+        Raises
+        ------
+        BundleError
+            For an ensemble: each member has its own input (see :attr:`members`).
+        """
+        if self.is_ensemble:
+            raise BundleError(self._no_single_network("input tensor"))
+        img, info = self.preprocessing(image.pixels)
+        return self._normalize(img), info
 
     @torch.no_grad()
     def probabilities(self, images: Sequence[XrayImage], batch_size: int = 16) -> np.ndarray:
@@ -195,7 +258,8 @@ class Predictor:
         out = []
         for i in range(0, len(images), batch_size):
             x = torch.cat([self.input_tensor(im) for im in images[i : i + batch_size]])
-            out.append(torch.softmax(self.model(x).float(), dim=1).cpu().numpy())
+            logits = self.model(x).float() / self.temperature
+            out.append(torch.softmax(logits, dim=1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
 
     def to_prediction(self, probs: np.ndarray, image: XrayImage | None = None) -> Prediction:

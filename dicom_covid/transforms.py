@@ -27,6 +27,7 @@ __all__ = [
     "RepeatNormalized",
     "ResizeSquare",
     "ResizeSquared",
+    "SourceScrambleAugment",
     "preprocess",
 ]
 
@@ -164,6 +165,80 @@ class ChestAugment(Transform):
         out = out.clamp(0, 1) ** gamma
         out = (out - 0.5) * contrast + 0.5 + brightness
         return out.clamp_(0.0, 1.0)
+
+
+class SourceScrambleAugment(ChestAugment):
+    """:class:`ChestAugment` plus augmentations that destroy cues of the source hospital.
+
+    On top of the geometric and exposure changes of :class:`ChestAugment` (with a wider zoom,
+    a random resized crop): Gaussian blur and noise (sharpness and detector noise differ per
+    source and re-export), JPEG re-compression at a random quality (some sources are
+    re-compressed web copies), and masking of a random border band and of small rectangles
+    near the corners (burned-in markers and text). Each applies with probability ``p``.
+
+    Parameters
+    ----------
+    p : float
+        Probability of each of blur, noise, JPEG and masking (default 0.4).
+    generator : torch.Generator, optional
+        Source of randomness.
+    **kwargs
+        Passed to :class:`ChestAugment`.
+    """
+
+    def __init__(self, p: float = 0.4, generator: torch.Generator | None = None, **kwargs) -> None:
+        kwargs.setdefault("scale", (0.85, 1.3))
+        kwargs.setdefault("intensity", 0.25)
+        super().__init__(generator=generator, **kwargs)
+        self.p = p
+
+    def _hit(self) -> bool:
+        return self._u(0.0, 1.0) < self.p
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        out = super().__call__(img)
+        side = out.shape[-1]
+        if self._hit():
+            sigma = self._u(0.3, 1.5)
+            radius = max(1, math.ceil(2 * sigma))
+            xs = torch.arange(-radius, radius + 1, dtype=torch.float32)
+            k = torch.exp(-(xs**2) / (2 * sigma**2))
+            k = (k / k.sum()).view(1, 1, 1, -1)
+            x = F.pad(out[None], (radius, radius, radius, radius), mode="replicate")
+            x = F.conv2d(F.conv2d(x, k), k.transpose(-1, -2))
+            out = x[0]
+        if self._hit():
+            std = self._u(0.005, 0.03)
+            noise = torch.randn(out.shape, generator=self.generator) * std
+            out = (out + noise).clamp_(0.0, 1.0)
+        if self._hit():
+            import cv2
+
+            quality = int(self._u(25, 90))
+            u8 = (out[0].numpy() * 255 + 0.5).astype(np.uint8)
+            ok, buf = cv2.imencode(".jpg", u8, [cv2.IMWRITE_JPEG_QUALITY, quality])
+            if ok:
+                dec = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
+                out = torch.from_numpy(dec.astype(np.float32) / 255.0)[None]
+        if self._hit():
+            out = out.clone()
+            band = max(1, int(self._u(0.02, 0.1) * side))
+            value = float(self._u(0, 1) > 0.5)
+            edge = int(self._u(0, 4))
+            if edge == 0:
+                out[:, :band] = value
+            elif edge == 1:
+                out[:, -band:] = value
+            elif edge == 2:
+                out[:, :, :band] = value
+            else:
+                out[:, :, -band:] = value
+            for _ in range(int(self._u(0, 3))):
+                h, w = int(self._u(0.04, 0.1) * side), int(self._u(0.06, 0.2) * side)
+                top = int(self._u(0, 0.2) * side) if self._hit() else side - h - 1
+                left = int(self._u(0, 1) * (side - w - 1))
+                out[:, top : top + h, left : left + w] = float(self._u(0, 1) > 0.5)
+        return out
 
 
 def preprocess(

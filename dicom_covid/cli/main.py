@@ -4,6 +4,7 @@ from __future__ import annotations
 
 # Importing a command module registers its command on ``app``.
 from . import compare as _compare  # noqa: F401
+from . import crossval as _crossval  # noqa: F401
 from . import demo as _demo  # noqa: F401
 from . import ensemble as _ensemble  # noqa: F401
 from . import evaluate as _evaluate  # noqa: F401

@@ -92,6 +92,23 @@ def train(
         Path | None,
         typer.Option(file_okay=False, help="Bundle folder for --install (default: the project's)."),
     ] = None,
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="v1 (resize, class-weighted loss) or transfer (lung crop, CLAHE, source-"
+            "scrambling augmentation, source- and class-balanced sampling, temperature scaling)."
+        ),
+    ] = "v1",
+    exclude_source: Annotated[
+        list[str] | None,
+        typer.Option(help="Leave this manifest source out of train and val (repeatable)."),
+    ] = None,
+    label_smoothing: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.05,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Cache prepared images here between runs (never commit it)."),
+    ] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="Torch CPU threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
@@ -126,6 +143,11 @@ def train(
         max_steps_per_epoch=max_steps_per_epoch,
         device=device,
         progress=progress,
+        recipe=recipe,
+        exclude_sources=tuple(exclude_source or ()),
+        label_smoothing=label_smoothing,
+        cache_dir=cache_dir,
+        threads=threads,
     )
     with fail_on_error():
         result = run_training(cfg)

@@ -8,8 +8,12 @@ and ``label`` (``covid``, ``normal`` or ``pneumonia``); ``split`` (train/val/tes
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
-from collections.abc import Sequence
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +30,9 @@ __all__ = [
     "LABELS",
     "CachedImageDataset",
     "ManifestRow",
+    "balanced_weights",
     "read_manifest",
+    "subsample",
 ]
 
 logger = logging.getLogger(__name__)
@@ -141,14 +147,26 @@ class CachedImageDataset(Dataset):
         std: Sequence[float],
         augment: ChestAugment | None = None,
         progress: bool = True,
+        prepare: Callable[[np.ndarray], torch.Tensor] | None = None,
+        cache_dir: str | Path | None = None,
+        cache_key: str = "",
     ) -> None:
         self.rows = list(rows)
         self.size = size
         self.augment = augment
         self.normalize = RepeatNormalize(mean, std)
-        resize = ResizeSquare(size)
+        prepare = prepare or ResizeSquare(size)
         self.images = torch.empty((len(self.rows), 1, size, size), dtype=torch.float16)
         self.targets = torch.tensor([r.label_index for r in self.rows], dtype=torch.long)
+        cache: dict[str, torch.Tensor] = {}
+        cache_file = None
+        if cache_dir is not None:
+            # Prepared images (uint8) shared by runs with the same pipeline; never committed.
+            digest = hashlib.sha1(f"{cache_key}|{size}".encode()).hexdigest()[:16]
+            cache_file = Path(cache_dir) / f"prepared-{digest}.pt"
+            if cache_file.is_file():
+                cache = torch.load(cache_file, weights_only=True)
+        added = 0
         for i, row in enumerate(
             tqdm(
                 self.rows,
@@ -158,11 +176,24 @@ class CachedImageDataset(Dataset):
                 leave=False,
             )
         ):
+            key = str(row.path)
+            if key in cache:
+                self.images[i] = cache[key].float().div_(255.0).half()
+                continue
             try:
                 img = read_image(row.path)
             except InputRejected as exc:
                 raise DataError(f"{row.path}: {exc.message}") from exc
-            self.images[i] = resize(img.pixels).half()
+            prepared = prepare(img.pixels)
+            self.images[i] = prepared.half()
+            if cache_file is not None:
+                cache[key] = (prepared * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
+                added += 1
+        if cache_file is not None and added:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(cache, tmp)
+            os.replace(tmp, cache_file)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -194,3 +225,35 @@ def subsample(
         idx = rng.choice(len(items), size=max_per_class, replace=False)
         out.extend(items[i] for i in sorted(idx))
     return out
+
+
+def balanced_weights(rows: Sequence[ManifestRow], power: float = 0.5) -> np.ndarray:
+    """Sampling weights that balance classes exactly and sources within a class partly.
+
+    A row of source ``s`` and label ``l`` gets ``n(s, l) ** -power``, rescaled so that every
+    label carries the same total weight. ``power = 1`` gives each source of a label an equal
+    share; ``0.5`` (default) keeps large sources larger without letting them dominate.
+
+    Parameters
+    ----------
+    rows : sequence of ManifestRow
+    power : float
+
+    Returns
+    -------
+    numpy.ndarray
+        One non-negative weight per row, summing to 1.
+    """
+    counts = Counter((r.source, r.label) for r in rows)
+    w = np.array([counts[(r.source, r.label)] ** -power for r in rows], dtype=np.float64)
+    labels = np.array([r.label for r in rows])
+    present = [lab for lab in LABELS if (labels == lab).any()]
+    for lab in present:
+        sel = labels == lab
+        w[sel] /= w[sel].sum() * len(present)
+    return w
+
+
+def spec_key(spec: object) -> str:
+    """Stable text of a preprocessing spec, for cache keys."""
+    return json.dumps(spec, sort_keys=True)

@@ -107,3 +107,35 @@ def expected_calibration_error(targets: np.ndarray, probs: np.ndarray, n_bins: i
     acc_sum = np.bincount(bins, weights=correct, minlength=n_bins)
     conf_sum = np.bincount(bins, weights=confidence, minlength=n_bins)
     return float(np.abs(acc_sum - conf_sum).sum() / targets.size)
+
+
+def bootstrap_auc_ci(
+    is_positive: np.ndarray, score: np.ndarray, n_resamples: int = 1000, seed: int = 0
+) -> tuple[float, list[float]]:
+    """Binary AUC and its 95 % stratified percentile bootstrap interval.
+
+    Each resample draws positives and negatives separately with replacement (their counts kept),
+    so every resampled AUC is defined.
+
+    Parameters
+    ----------
+    is_positive : array of bool or {0, 1}, shape (N,)
+    score : array of float, shape (N,)
+    n_resamples : int
+    seed : int
+
+    Returns
+    -------
+    tuple
+        ``(auc, [low, high])``.
+    """
+    is_positive = np.asarray(is_positive, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    pos, neg = np.flatnonzero(is_positive), np.flatnonzero(~is_positive)
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_resamples)
+    for i in range(n_resamples):
+        idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+        stats[i] = binary_auc(is_positive[idx], score[idx])
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return binary_auc(is_positive, score), [float(low), float(high)]

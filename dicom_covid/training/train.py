@@ -31,13 +31,30 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from ..models import build_model, get_spec
-from ..transforms import ChestAugment
-from .data import LABELS, CachedImageDataset, read_manifest, subsample
+from ..preprocessing import Preprocessing
+from ..transforms import ChestAugment, SourceScrambleAugment
+from .data import LABELS, CachedImageDataset, balanced_weights, read_manifest, spec_key, subsample
 from .metrics import choose_threshold, macro_auc
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["RECIPES", "TRANSFER_PREPROCESSING", "TrainConfig", "TrainResult", "train"]
 
 logger = logging.getLogger(__name__)
+
+#: Training recipes. ``v1``: resize to the input size, :class:`ChestAugment`, class-weighted
+#: loss, uniform shuffling (the version-1 models). ``transfer``: the recipe built for hospitals
+#: the model has not seen: :data:`TRANSFER_PREPROCESSING` (resolution harmonisation, lung crop,
+#: CLAHE), :class:`SourceScrambleAugment`, source- and class-balanced sampling, temperature
+#: scaling on the val split.
+RECIPES = ("v1", "transfer")
+
+#: Preprocessing written into the facts of a ``transfer`` model (see
+#: :mod:`dicom_covid.preprocessing`).
+TRANSFER_PREPROCESSING = {
+    "pipeline": "lung_crop_clahe",
+    "base_size": 224,
+    "lung_crop": {"margin": 0.08, "min_lung_fraction": 0.08},
+    "clahe": {"clip_limit": 2.0, "tile_grid": 8},
+}
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,14 @@ class TrainConfig:
         ``"cuda"``, ``"cpu"``; None picks CUDA when available.
     progress : bool
         Show progress bars.
+    recipe : str
+        ``"v1"`` or ``"transfer"`` (see :data:`RECIPES`).
+    exclude_sources : tuple of str
+        Manifest sources left out of training and validation (leave-source-out runs).
+    cache_dir : pathlib.Path or None
+        Where prepared images are cached between runs (uint8; never commit it).
+    threads : int or None
+        Torch intra-op threads (None: torch's default).
     """
 
     backbone: str
@@ -106,6 +131,10 @@ class TrainConfig:
     num_workers: int = 0
     device: str | None = None
     progress: bool = True
+    recipe: str = "v1"
+    exclude_sources: tuple[str, ...] = ()
+    cache_dir: Path | None = None
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -146,15 +175,54 @@ def predict_loader(
     device: torch.device,
     progress: bool = False,
     desc: str = "validating",
+    logits: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and targets of every item of ``loader``."""
+    """Softmax probabilities (or raw logits) and targets of every item of ``loader``."""
     model.eval()
     probs, targets = [], []
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
-        logits = model(x.to(device, non_blocking=True))
-        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        out = model(x.to(device, non_blocking=True)).float()
+        probs.append((out if logits else torch.softmax(out, dim=1)).cpu().numpy())
         targets.append(np.asarray(y))
     return np.concatenate(probs), np.concatenate(targets)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Softmax temperature minimising the negative log-likelihood of ``targets``.
+
+    Parameters
+    ----------
+    logits : numpy.ndarray
+        ``(N, C)`` raw network outputs (val split).
+    targets : numpy.ndarray
+        ``(N,)`` class indices.
+
+    Returns
+    -------
+    float
+        The best temperature on a grid from 0.5 to 5 (step 0.01).
+    """
+    grid = np.arange(0.5, 5.0001, 0.01)
+    idx = np.arange(len(targets))
+    nll = [-np.log(_softmax(logits / t)[idx, targets] + 1e-12).mean() for t in grid]
+    return float(round(grid[int(np.argmin(nll))], 2))
+
+
+def _manifest_version(data_dir: Path) -> int:
+    import re
+
+    readme = Path(data_dir) / "README.md"
+    if readme.is_file():
+        m = re.search(r"\*\*Version (\d+)\*\*", readme.read_text(errors="replace"))
+        if m:
+            return int(m.group(1))
+    return 1
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -193,24 +261,58 @@ def train(cfg: TrainConfig) -> TrainResult:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
 
-    train_rows = subsample(read_manifest(cfg.data_dir, "train"), cfg.max_train_per_class, cfg.seed)
-    val_rows = subsample(read_manifest(cfg.data_dir, "val"), cfg.max_val_per_class, cfg.seed)
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"recipe {cfg.recipe!r} is not one of {', '.join(RECIPES)}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    transfer = cfg.recipe == "transfer"
+    excluded = set(cfg.exclude_sources)
+
+    def rows_of(split: str, cap: int | None):
+        rows = [r for r in read_manifest(cfg.data_dir, split) if r.source not in excluded]
+        return subsample(rows, cap, cfg.seed)
+
+    train_rows = rows_of("train", cfg.max_train_per_class)
+    val_rows = rows_of("val", cfg.max_val_per_class)
     show = cfg.progress and is_main
-    augment = ChestAugment(generator=torch.Generator().manual_seed(cfg.seed + rank))
-    train_ds = CachedImageDataset(train_rows, size, spec.mean, spec.std, augment, progress=show)
-    val_ds = CachedImageDataset(val_rows, size, spec.mean, spec.std, None, progress=show)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + rank)
+    augment = (
+        SourceScrambleAugment(generator=aug_gen) if transfer else ChestAugment(generator=aug_gen)
+    )
+    prep_spec = TRANSFER_PREPROCESSING if transfer else {}
+    prep = Preprocessing(size, prep_spec)
+
+    def prepare(pixels):
+        return prep(pixels)[0]
+
+    data_kw = {
+        "progress": show,
+        "prepare": prepare,
+        "cache_dir": cfg.cache_dir,
+        "cache_key": spec_key(prep_spec),
+    }
+    train_ds = CachedImageDataset(train_rows, size, spec.mean, spec.std, augment, **data_kw)
+    val_ds = CachedImageDataset(val_rows, size, spec.mean, spec.std, None, **data_kw)
 
     counts = train_ds.class_counts().astype(np.float64)
     class_weight = torch.tensor(
         counts.sum() / (len(LABELS) * np.maximum(counts, 1)), dtype=torch.float32, device=device
     )
-    sampler = (
-        DistributedSampler(
+    if distributed:
+        sampler = DistributedSampler(
             train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
         )
-        if distributed
-        else None
-    )
+    elif transfer:
+        # Classes balanced by sampling (so no loss weights), sources within a class partly.
+        class_weight = None
+        sampler = torch.utils.data.WeightedRandomSampler(
+            torch.as_tensor(balanced_weights(train_rows)),
+            num_samples=len(train_ds),
+            replacement=True,
+            generator=torch.Generator().manual_seed(cfg.seed + 7),
+        )
+    else:
+        sampler = None
     gen = torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(
         train_ds,
@@ -283,7 +385,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     stopped_early = bad_epochs >= cfg.patience
     epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.epochs if not stopped_early else start_epoch):
-        if sampler is not None:
+        if distributed:
             sampler.set_epoch(epoch)
         net.train()
         t0, running, seen = time.time(), 0.0, 0
@@ -370,7 +472,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             break
 
     if is_main:
-        export_run(cfg, out, size, val_loader, device, history)
+        export_run(cfg, out, size, val_loader, device, history, train_rows, prep_spec)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -390,8 +492,14 @@ def export_run(
     val_loader: DataLoader,
     device: torch.device,
     history: list[dict],
+    train_rows: list | None = None,
+    preprocessing: dict | None = None,
 ) -> None:
-    """Write ``model.safetensors`` (fp16, best epoch) and ``model.json`` for a run."""
+    """Write ``model.safetensors`` (fp16, best epoch) and ``model.json`` for a run.
+
+    A ``transfer`` run also fits a softmax temperature on the val split (minimum negative
+    log-likelihood over a grid) and chooses its threshold on the calibrated probabilities.
+    """
     from safetensors.torch import save_file
 
     spec = get_spec(cfg.backbone)
@@ -402,7 +510,9 @@ def export_run(
     # Threshold and metrics with the fp16-rounded weights that ship.
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()})
-    probs, targets = predict_loader(model, val_loader, device)
+    logits, targets = predict_loader(model, val_loader, device, logits=True)
+    temperature = fit_temperature(logits, targets) if cfg.recipe == "transfer" else 1.0
+    probs = _softmax(logits / temperature)
     threshold = choose_threshold(
         (targets == LABELS.index("covid")).astype(int), probs[:, LABELS.index("covid")]
     )
@@ -415,6 +525,9 @@ def export_run(
         "mean": list(spec.mean),
         "std": list(spec.std),
         "gradcam_layer": spec.gradcam_layer,
+        "preprocessing": preprocessing or {"pipeline": "resize"},
+        "temperature": temperature,
+        "recipe": cfg.recipe,
         "covid_threshold": threshold,
         "threshold_rule": "maximum Youden J of COVID-vs-rest on the val split",
         "best_epoch": int(best["epoch"]) + 1,
@@ -423,6 +536,13 @@ def export_run(
         "history": history,
         "train_config": json.loads(json.dumps(asdict(cfg), default=_json_default)),
         "parameters": int(sum(p.numel() for p in model.parameters())),
+        "training_data": {
+            "dataset": Path(cfg.data_dir).name,
+            "manifest_version": _manifest_version(cfg.data_dir),
+            "sources": sorted({r.source for r in train_rows or []}),
+            "excluded_sources": sorted(cfg.exclude_sources),
+            "images": len(train_rows or []),
+        },
     }
     (out / "model.json").write_text(json.dumps(facts, indent=2))
     logger.info(

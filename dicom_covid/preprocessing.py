@@ -1,0 +1,181 @@
+"""The input pipeline of a model, built from the ``preprocessing`` entry of its bundle facts.
+
+Two pipelines exist; which one a model uses is a model fact, never a code default:
+
+``resize`` (version-1 models, and any facts without a ``preprocessing`` entry)::
+
+    XrayImage.pixels (H, W) in [0, 1] -> ResizeSquare(input_size)
+
+``lung_crop_clahe`` (the transfer recipe, see ``docs/model_card.md``)::
+
+    pixels -> ResizeSquare(base_size)            resolution harmonisation: every source is brought
+                                                  to the sharpness of the coarsest one (224 px)
+           -> lung crop                           the bundle's lung U-Net; bounding box of both
+                                                  lung fields plus a margin; borders, burned-in
+                                                  text and collimation fall outside it
+           -> ResizeSquare(input_size)
+           -> CLAHE(clip_limit, tile_grid)        intensity standardisation (OpenCV)
+
+Both return a ``(1, S, S)`` float tensor in ``[0, 1]`` and a dict of facts about the step
+(``lung_fraction``, ``lung_crop``, ``lung_box``), which feeds the out-of-distribution checks of
+:mod:`dicom_covid.abstention`. Normalisation to the backbone's mean and std follows
+(:class:`~dicom_covid.transforms.RepeatNormalize`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import BundleError
+from .transforms import ResizeSquare
+
+__all__ = ["PIPELINES", "Preprocessing", "clahe"]
+
+#: Names of the pipelines this version understands.
+PIPELINES = ("resize", "lung_crop_clahe")
+
+
+def clahe(img: torch.Tensor, clip_limit: float = 2.0, tile_grid: int = 8) -> torch.Tensor:
+    """Contrast-limited adaptive histogram equalisation of a ``(1, S, S)`` image in ``[0, 1]``.
+
+    Parameters
+    ----------
+    img : torch.Tensor
+        ``(1, S, S)`` float image in ``[0, 1]``.
+    clip_limit : float
+        OpenCV clip limit.
+    tile_grid : int
+        Tiles per side.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(1, S, S)`` float32 in ``[0, 1]``.
+    """
+    import cv2
+
+    u8 = (img[0].float().clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+    out = cv2.createCLAHE(clipLimit=float(clip_limit), tileGridSize=(tile_grid, tile_grid)).apply(
+        u8
+    )
+    return torch.from_numpy(out.astype(np.float32) / 255.0)[None]
+
+
+@dataclass
+class Preprocessing:
+    """A model's input pipeline (see the module docstring).
+
+    Parameters
+    ----------
+    input_size : int
+        Network input side.
+    spec : mapping
+        The facts' ``preprocessing`` entry; ``{}`` for the plain ``resize`` pipeline.
+    segmenter : object, optional
+        A :class:`dicom_covid.lungs.LungSegmenter` (needed by ``lung_crop_clahe``; loaded from
+        the default bundle when None).
+
+    Raises
+    ------
+    BundleError
+        Unknown pipeline name or malformed parameters.
+    """
+
+    input_size: int
+    spec: Mapping[str, Any]
+    segmenter: Any = None
+
+    def __post_init__(self) -> None:
+        self.spec = dict(self.spec or {})
+        self.pipeline = str(self.spec.get("pipeline", "resize"))
+        if self.pipeline not in PIPELINES:
+            raise BundleError(
+                f"preprocessing pipeline {self.pipeline!r} is unknown to this version of "
+                f"dicom-covid (known: {', '.join(PIPELINES)}); upgrade dicom-covid or use a "
+                "bundle written for it."
+            )
+        self._resize = ResizeSquare(self.input_size)
+        if self.pipeline == "lung_crop_clahe":
+            try:
+                self.base_size = int(self.spec["base_size"])
+                crop = self.spec["lung_crop"]
+                self.margin = float(crop["margin"])
+                self.min_lung_fraction = float(crop["min_lung_fraction"])
+                self.clip_limit = float(self.spec["clahe"]["clip_limit"])
+                self.tile_grid = int(self.spec["clahe"]["tile_grid"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BundleError(f"malformed lung_crop_clahe preprocessing ({exc}).") from exc
+            self._base = ResizeSquare(self.base_size)
+
+    @property
+    def needs_segmenter(self) -> bool:
+        """True when the pipeline crops to the lung fields."""
+        return self.pipeline == "lung_crop_clahe"
+
+    def _lungs(self) -> Any:
+        if self.segmenter is None:
+            from .lungs import LungSegmenter
+
+            self.segmenter = LungSegmenter()
+        return self.segmenter
+
+    def lung_box(self, base: torch.Tensor) -> tuple[tuple[int, int, int, int] | None, float]:
+        """Bounding box ``(top, bottom, left, right)`` of the lungs in ``base`` and their area.
+
+        Returns ``(None, fraction)`` when the lung fields cover less than ``min_lung_fraction``
+        of the image (no plausible lungs: the whole image is kept).
+        """
+        from .lungs import postprocess
+
+        seg = self._lungs()
+        prob = seg.probability(base[0].numpy())
+        mask = postprocess(
+            prob, seg.threshold, seg.keep_components, seg.min_component_fraction, seg.fill_holes
+        )
+        fraction = float(mask.mean())
+        if fraction < self.min_lung_fraction:
+            return None, fraction
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        scale = base.shape[-1] / mask.shape[-1]
+        top, bottom = rows[0] * scale, (rows[-1] + 1) * scale
+        left, right = cols[0] * scale, (cols[-1] + 1) * scale
+        mh, mw = self.margin * (bottom - top), self.margin * (right - left)
+        side = base.shape[-1]
+        box = (
+            max(0, int(top - mh)),
+            min(side, int(np.ceil(bottom + mh))),
+            max(0, int(left - mw)),
+            min(side, int(np.ceil(right + mw))),
+        )
+        return box, fraction
+
+    def __call__(self, pixels: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Network input before normalisation, ``(1, S, S)`` in ``[0, 1]``, and step facts."""
+        if self.pipeline == "resize":
+            return self._resize(pixels), {}
+        base = self._base(pixels)
+        box, fraction = self.lung_box(base)
+        info: dict[str, Any] = {"lung_fraction": round(fraction, 4), "lung_crop": box is not None}
+        if box is not None:
+            t, b, left, r = box
+            side = base.shape[-1]
+            # Fractions of the source image's height and width (the base image is a square
+            # resize of the whole source), to place a Grad-CAM map back on the source.
+            info["lung_box"] = (t / side, b / side, left / side, r / side)
+            base = base[:, t:b, left:r]
+        img = clahe(self._resize(base), self.clip_limit, self.tile_grid)
+        return img, info
+
+    def describe(self) -> str:
+        """One line for reports and SR algorithm parameters."""
+        if self.pipeline == "resize":
+            return f"resize {self.input_size}"
+        return (
+            f"resize {self.base_size}, lung crop (margin {self.margin:g}), resize "
+            f"{self.input_size}, CLAHE {self.clip_limit:g}/{self.tile_grid}"
+        )

@@ -1,0 +1,174 @@
+"""Leave-source-out validation: train without a group of sources, test on that group only.
+
+Sources predict labels in the development set (see its README), so a score on the ``test``
+split says little about a hospital the model has never seen. A *held-out group* is a set of
+manifest sources; :func:`crossval` trains a recipe (:data:`~dicom_covid.training.train.RECIPES`)
+on the ``train`` split without the group (model selection on ``val`` without the group) and
+measures it on every image of the group (all splits: none of them was seen).
+
+Groups that hold one class only (e.g. the NIH additions hold no COVID-19) report that class's
+recall and, where COVID-19 is absent, the COVID-19 specificity at the model's threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..reader import read_image
+from .data import LABELS, read_manifest
+from .metrics import bootstrap_auc_ci
+from .train import TrainConfig, train
+
+__all__ = ["GROUPS", "crossval", "evaluate_heldout", "summary_table"]
+
+logger = logging.getLogger(__name__)
+
+#: Held-out groups of manifest sources, by name.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "ieee8023+figure1+actualmed": ("ieee8023", "figure1", "actualmed"),
+    "c19r_covid+c19r_rsna": ("c19r_covid", "c19r_rsna"),
+    "nih_pneumonia+nih_normal+quex_opacity": ("nih_pneumonia", "nih_normal", "quex_opacity"),
+    "kermany": ("kermany",),
+}
+
+
+def group_sources(group: str) -> tuple[str, ...]:
+    """Sources of a group name: a key of :data:`GROUPS` or sources joined with ``+``."""
+    return GROUPS.get(group, tuple(s for s in group.split("+") if s))
+
+
+def evaluate_heldout(
+    run_dir: str | Path, data_dir: str | Path, sources: tuple[str, ...], progress: bool = True
+) -> dict[str, Any]:
+    """Metrics of a finished run on every image of ``sources``.
+
+    Returns
+    -------
+    dict
+        ``n``, ``counts`` per label, ``accuracy``, ``covid_auc`` (COVID-19 vs rest, with a 95 %
+        bootstrap interval, None when the group holds one class), ``covid_sensitivity`` and
+        ``covid_specificity`` at the model's threshold (None where undefined), per-source
+        accuracy, and the probabilities per image (path relative to the data folder).
+    """
+    from ..inference import Predictor
+
+    predictor = Predictor.from_run(run_dir)
+    rows = [r for r in read_manifest(data_dir) if r.source in set(sources)]
+    probs = []
+    for i in tqdm(range(0, len(rows), 32), desc="held-out group", disable=not progress):
+        batch = [read_image(r.path) for r in rows[i : i + 32]]
+        probs.append(predictor.probabilities(batch))
+    p = np.concatenate(probs)
+    y = np.array([r.label_index for r in rows])
+    covid = LABELS.index("covid")
+    is_covid = (y == covid).astype(int)
+    suspected = p[:, covid] >= predictor.facts.covid_threshold
+    auc = ci = None
+    if 0 < is_covid.sum() < len(is_covid):
+        auc, ci = bootstrap_auc_ci(is_covid, p[:, covid])
+    sens = float(suspected[is_covid == 1].mean()) if is_covid.any() else None
+    spec = float((~suspected[is_covid == 0]).mean()) if (is_covid == 0).any() else None
+    per_source = {
+        s: float((p.argmax(1) == y)[[r.source == s for r in rows]].mean())
+        for s in sorted({r.source for r in rows})
+    }
+    return {
+        "sources": list(sources),
+        "n": len(rows),
+        "counts": {lab: int((y == i).sum()) for i, lab in enumerate(LABELS)},
+        "accuracy": float((p.argmax(1) == y).mean()),
+        "covid_auc": auc,
+        "covid_auc_ci": ci,
+        "covid_threshold": predictor.facts.covid_threshold,
+        "covid_sensitivity": sens,
+        "covid_specificity": spec,
+        "accuracy_per_source": per_source,
+        "predictions": [
+            {"path": str(r.path.relative_to(Path(data_dir))), "label": r.label, "probs": q.tolist()}
+            for r, q in zip(rows, p, strict=True)
+        ],
+    }
+
+
+def crossval(cfg: TrainConfig, group: str, progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` without ``group`` and evaluate on it; writes ``heldout.json``.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The recipe and budget; ``exclude_sources`` is replaced by the group's sources.
+    group : str
+        A :data:`GROUPS` key or sources joined by ``+``.
+    progress : bool
+        Progress bars.
+
+    Returns
+    -------
+    dict
+        The held-out metrics (see :func:`evaluate_heldout`) plus the run's settings.
+    """
+    sources = group_sources(group)
+    known = {r.source for r in read_manifest(cfg.data_dir)}
+    unknown = sorted(set(sources) - known)
+    if unknown:
+        raise ValueError(
+            f"sources {unknown} are not in {cfg.data_dir}/manifest.csv; known sources: "
+            f"{', '.join(sorted(known))}"
+        )
+    cfg = replace(cfg, exclude_sources=sources)
+    result = train(cfg)
+    metrics = evaluate_heldout(cfg.output_dir, cfg.data_dir, sources, progress)
+    metrics.update(
+        {
+            "group": group,
+            "recipe": cfg.recipe,
+            "backbone": cfg.backbone,
+            "image_size": cfg.image_size,
+            "epochs_run": result.epochs_run,
+            "best_epoch": result.best_epoch,
+            "val_macro_auc_without_group": result.best_val_auc,
+            "train_config": json.loads(json.dumps(asdict(cfg), default=str)),
+        }
+    )
+    out = Path(cfg.output_dir) / "heldout.json"
+    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    logger.info(
+        "%s without %s: accuracy %.3f, COVID AUC %s on %d held-out images",
+        cfg.recipe,
+        group,
+        metrics["accuracy"],
+        "n/a" if metrics["covid_auc"] is None else f"{metrics['covid_auc']:.3f}",
+        metrics["n"],
+    )
+    return metrics
+
+
+def _fmt(v: float | None, ci: list[float] | None = None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.3f}" + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "")
+
+
+def summary_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table of held-out results, one row per group and recipe."""
+    lines = [
+        "| held-out group | recipe | n (covid/normal/pneumonia) | COVID-vs-rest AUC (95 % CI) "
+        "| COVID sens @thr | COVID spec @thr | 3-class acc |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for m in sorted(results, key=lambda r: (r["group"], r["recipe"] != "v1")):
+        c = m["counts"]
+        lines.append(
+            f"| {m['group']} | {m['recipe']} | {m['n']} ({c['covid']}/{c['normal']}/"
+            f"{c['pneumonia']}) | {_fmt(m['covid_auc'], m['covid_auc_ci'])} | "
+            f"{_fmt(m['covid_sensitivity'])} | {_fmt(m['covid_specificity'])} | "
+            f"{m['accuracy']:.3f} |"
+        )
+    return "\n".join(lines)
