@@ -53,6 +53,15 @@ class ReaderConfig:
         (default True).
     min_size, max_size : int
         Smallest and largest accepted Rows/Columns (defaults 64 and 16384).
+    max_pixels : int
+        Largest Rows x Columns x Number of Frames decoded (default 64 Mi = 8192 x 8192; the
+        largest detector of a chest radiograph is about 4300 x 4300). Checked from the header
+        before anything is decoded: a larger image is rejected as ``too_large``.
+    max_decoded_bytes : int
+        Largest decoded size, Rows x Columns x Frames x Samples x BitsAllocated / 8 (default
+        256 MiB); checked from the header like ``max_pixels``. Reading an image needs about
+        ten times its pixel count in bytes on top (float64 copies), so the defaults keep one
+        image under about 1 GiB.
     """
 
     allowed_modalities: tuple[str, ...] = ("CR", "DX", "OT", "XC", "")
@@ -60,3 +69,5 @@ class ReaderConfig:
     check_body_part: bool = True
     min_size: int = 64
     max_size: int = 16384
+    max_pixels: int = 64 * 2**20
+    max_decoded_bytes: int = 256 * 2**20

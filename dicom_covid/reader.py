@@ -7,10 +7,11 @@ bright (bone is white, whatever the photometric interpretation), plus the facts 
 
 DICOM handling, in order:
 
-1. checks: the file is complete (pydicom reads a truncated file without complaint, so cut
-   elements, a dropped undefined-length element and an image header without Pixel Data are
-   detected here), pixel data present, allowed modality, chest body part, grayscale, single
-   frame, sane dimensions, frontal view;
+1. checks: the image is not larger than the configured limits (``too_large``, from the header,
+   before anything is decoded); the file is complete (pydicom reads a truncated file without
+   complaint, so cut elements, a dropped undefined-length element and an image header without
+   Pixel Data are detected here); pixel data present, allowed modality, chest body part,
+   grayscale, single frame, sane dimensions, frontal view;
 2. decode (native, RLE, JPEG baseline/lossless, JPEG-LS, JPEG 2000 through pylibjpeg/pyjpegls);
    a JPEG or JPEG-LS frame without its end-of-image marker is rejected, as those decoders
    return a partly garbage image from a cut codestream without an error;
@@ -46,6 +47,8 @@ from .errors import InputRejected
 __all__ = [
     "LATERAL_VIEWS",
     "XrayImage",
+    "check_image_size",
+    "declared_size",
     "read_dataset",
     "read_image",
 ]
@@ -249,6 +252,7 @@ def read_dataset(
     """
     config = config or ReaderConfig()
     try:
+        check_image_size(ds, config, source)
         _check_header(ds, config, source)
     except InputRejected:
         raise
@@ -310,6 +314,70 @@ def read_dataset(
         study_instance_uid=str(ds.get("StudyInstanceUID", "")),
         series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
     )
+
+
+def declared_size(ds: Dataset) -> tuple[int, int]:
+    """Pixels and decoded bytes an image header declares, without decoding anything.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        An image header (Rows, Columns, Number of Frames, Samples per Pixel, Bits Allocated;
+        absent values count as 0 rows/columns, 1 frame, 1 sample, 16 bits).
+
+    Returns
+    -------
+    tuple of int
+        ``(rows x columns x frames, decoded bytes)``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        When one of these values is not a number.
+    """
+    rows = int(ds.get("Rows", 0) or 0)
+    cols = int(ds.get("Columns", 0) or 0)
+    frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    samples = max(1, int(ds.get("SamplesPerPixel", 1) or 1))
+    bits = max(1, int(ds.get("BitsAllocated", 16) or 16))
+    pixels = rows * cols * frames
+    return pixels, pixels * samples * ((bits + 7) // 8)
+
+
+def check_image_size(ds: Dataset, config: ReaderConfig | None = None, source: str = "") -> None:
+    """Reject an image whose header declares more pixels or bytes than ``config`` allows.
+
+    Only header values are read, so a decompression bomb (a few MB of RLE declaring
+    16384 x 16384 pixels) is refused in microseconds and without memory.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The image header.
+    config : ReaderConfig, optional
+        ``max_pixels`` and ``max_decoded_bytes``.
+    source : str
+        Name used in the message.
+
+    Raises
+    ------
+    InputRejected
+        ``too_large`` when a limit is exceeded.
+    """
+    config = config or ReaderConfig()
+    pixels, decoded = declared_size(ds)
+    if pixels > config.max_pixels or decoded > config.max_decoded_bytes:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        raise InputRejected(
+            "too_large",
+            f"{source or 'the image'}: the header declares {rows}x{cols} pixels x {frames} "
+            f"frame(s) ({pixels / 2**20:.0f} Mi pixels, {decoded / 2**20:.0f} MiB decoded), over "
+            f"the limit of {config.max_pixels / 2**20:.0f} Mi pixels / "
+            f"{config.max_decoded_bytes / 2**20:.0f} MiB; nothing was decoded. A chest "
+            "radiograph is far smaller: send a downscaled export, or raise the limit "
+            "(ReaderConfig.max_pixels / max_decoded_bytes) if the image is genuine.",
+        )
 
 
 def _decoder_missing(ts: UID | None) -> bool:

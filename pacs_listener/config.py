@@ -21,6 +21,14 @@ A TOML file mirrors the objects (every key optional)::
     maximum_associations = 8
     maximum_pdu_size = 65536
     min_free_bytes = 536870912
+    require_called_ae = true                 # false: accept any called AE title
+    associate_timeout = 10.0                 # connection -> complete A-ASSOCIATE-RQ
+    pdu_timeout = 30.0                       # silence in the middle of a PDU
+    maximum_associate_rq_size = 262144
+    maximum_pending = 32                     # connections not yet associated, in total
+    maximum_pending_per_peer = 8             # ... and per peer address
+    maximum_image_pixels = 67108864          # rows x columns x frames of an image analysed
+    maximum_image_bytes = 268435456          # its decoded size
 
     [tls]                                     # optional: DICOM TLS on both SCP and SCU
     cert = "server.crt"
@@ -200,8 +208,13 @@ class ScpConfig:
         Calling AE titles (optionally with host) allowed to associate. Empty (the default) accepts
         any calling AE, which is only sensible on loopback; any other AE is rejected with
         "calling AE title not recognised".
+    require_called_ae : bool
+        Reject associations whose called AE title is not ``ae_title`` with "called AE title
+        not recognised" (default True). False accepts any called AE title.
     maximum_associations : int
-        Concurrent associations accepted (default 8); more are rejected as "local limit exceeded".
+        Concurrent negotiated associations accepted (default 8); more are rejected as "local
+        limit exceeded". Connections that have not yet sent their A-ASSOCIATE-RQ do not count
+        (see ``maximum_pending``).
     maximum_pdu_size : int
         Largest P-DATA PDU we announce to peers, in bytes (default 65536; 0 means unlimited).
         Conforming peers never send larger ones; pynetdicom still reads a larger PDU from a peer
@@ -209,6 +222,27 @@ class ScpConfig:
     acse_timeout, dimse_timeout, network_timeout : float
         Seconds to wait for association messages (30), DIMSE messages (60) and any network
         activity before an idle association is closed (60).
+    associate_timeout : float
+        Seconds a new connection has to finish its TLS handshake and send its complete
+        A-ASSOCIATE-RQ (default 10); a connection that does not is closed.
+    pdu_timeout : float
+        Seconds a peer may stay silent in the middle of a PDU, or leave ours unread, before
+        the connection is closed (default 30).
+    maximum_associate_rq_size : int
+        Largest A-ASSOCIATE-RQ PDU accepted, in bytes after its 6-byte header (default 262144;
+        a request proposing 128 presentation contexts with 16 transfer syntaxes each is about
+        60 KiB). The announced length is checked before anything more is read.
+    maximum_pending : int
+        Connections that have not yet sent their A-ASSOCIATE-RQ, in total (default 32). When a
+        new connection arrives at the limit, the oldest pending one is closed.
+    maximum_pending_per_peer : int
+        The same, per peer IP address (default 8): one address can only push out its own
+        pending connections.
+    maximum_image_pixels, maximum_image_bytes : int
+        Largest image analysed: Rows x Columns x Number of Frames (default 64 Mi pixels) and
+        decoded bytes (default 256 MiB), read from the header. A candidate image over either is
+        refused with 0xA701 (``too_large``) before anything is decoded or spooled, and the
+        worker checks the same limits before it decodes a spooled image.
     min_free_bytes : int
         Free space the spool file system must keep (default 512 MiB). Below it every C-STORE is
         answered 0xA700 (out of resources) so the PACS keeps the images and retries later.
@@ -224,11 +258,19 @@ class ScpConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     allowed_callers: tuple[AllowedCaller, ...] = ()
+    require_called_ae: bool = True
     maximum_associations: int = 8
     maximum_pdu_size: int = 65536
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    associate_timeout: float = 10.0
+    pdu_timeout: float = 30.0
+    maximum_associate_rq_size: int = 262144
+    maximum_pending: int = 32
+    maximum_pending_per_peer: int = 8
+    maximum_image_pixels: int = 64 * 2**20
+    maximum_image_bytes: int = 256 * 2**20
     min_free_bytes: int = 512 * 1024 * 1024
     own_marker: str = OWN_MARKER
     tls: TlsConfig | None = None
@@ -241,6 +283,22 @@ class ScpConfig:
             raise ConfigError("maximum_associations must be at least 1.")
         if self.min_free_bytes < 0:
             raise ConfigError("min_free_bytes must not be negative.")
+        for name in (
+            "acse_timeout",
+            "dimse_timeout",
+            "network_timeout",
+            "associate_timeout",
+            "pdu_timeout",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigError(
+                    f"{name} must be a positive number of seconds (got {getattr(self, name)!r}); "
+                    "a listener without it can be held open forever by a silent peer."
+                )
+        if self.maximum_associate_rq_size < 68:  # the fixed part of an A-ASSOCIATE-RQ
+            raise ConfigError("maximum_associate_rq_size must be at least 68 bytes.")
+        if self.maximum_pending < 1 or self.maximum_pending_per_peer < 1:
+            raise ConfigError("maximum_pending and maximum_pending_per_peer must be at least 1.")
 
 
 @dataclass(frozen=True)

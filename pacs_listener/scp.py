@@ -8,6 +8,8 @@ and answers. Status codes:
 ========  ===========================================================================
 0x0000    stored (or acknowledged: duplicate, skipped object, our own result)
 0xA700    out of resources: free disk below ``min_free_bytes``, or spool/store not writable
+0xA701    out of resources, permanently: a candidate image larger than ``maximum_image_pixels``
+          or ``maximum_image_bytes`` (``too_large``, judged from the header, nothing decoded)
 0xA900    data set does not match the SOP class / instance of the C-STORE request
 0xC210    cannot understand: the data set cannot be parsed, lacks its UIDs, or is incomplete (a
           value shorter than its length, a CR/DX/SC image without Pixel Data)
@@ -15,8 +17,12 @@ and answers. Status codes:
 ========  ===========================================================================
 
 Associations are only accepted from the configured calling AE titles (and hosts); everything
-else is rejected with "calling AE title not recognised". Per association one log line gives the
-calling AE, peer address, number of instances and duration; no patient data is ever logged.
+else is rejected with "calling AE title not recognised". The called AE title must be ours
+(else "called AE title not recognised") unless ``require_called_ae`` is off. Before pynetdicom
+sees a connection, :mod:`pacs_listener.guard` bounds the time and bytes a peer may use until its
+A-ASSOCIATE-RQ is complete, and how many such pending connections it may hold. Per association
+one log line gives the calling AE, peer address, number of instances and duration; no patient
+data is ever logged.
 """
 
 from __future__ import annotations
@@ -53,15 +59,17 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from .config import ScpConfig, TlsConfig
+from .guard import ConnectionGuard, GuardedAssociationServer, GuardLimits
 from .jobs import JobStore
 from .spool import Spool, free_bytes
-from .triage import Verdict, incomplete, triage
+from .triage import Verdict, incomplete, too_large, triage
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
     "STATUS_MISMATCH",
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_SUCCESS",
+    "STATUS_TOO_LARGE",
     "TRANSFER_SYNTAXES",
     "StorageSCP",
     "server_ssl_context",
@@ -71,6 +79,7 @@ logger = logging.getLogger(__name__)
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_TOO_LARGE = 0xA701
 STATUS_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_PROCESSING_FAILURE = 0xC211
@@ -161,6 +170,7 @@ class StorageSCP:
         ae.acse_timeout = c.acse_timeout
         ae.dimse_timeout = c.dimse_timeout
         ae.network_timeout = c.network_timeout
+        ae.require_called_aet = c.require_called_ae
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
@@ -194,17 +204,42 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self.ae.start_server(
-            (c.host, c.port), block=False, evt_handlers=handlers, ssl_context=ctx
+        guard = ConnectionGuard(
+            GuardLimits(
+                associate_timeout=c.associate_timeout,
+                pdu_timeout=c.pdu_timeout,
+                maximum_associate_rq_size=c.maximum_associate_rq_size,
+                maximum_pending=c.maximum_pending,
+                maximum_pending_per_peer=c.maximum_pending_per_peer,
+            )
         )
+        # AE.start_server(block=False) with our server class: make_server passes the guard on
+        server = self.ae.make_server(
+            (c.host, c.port),
+            evt_handlers=handlers,
+            ssl_context=ctx,
+            server_class=GuardedAssociationServer,
+            guard=guard,
+        )
+        thread = threading.Thread(
+            target=server.serve_forever, name=f"AcceptorServer@{c.port}", daemon=True
+        )
+        thread.start()
+        self.ae._servers.append(server)  # so that AE.shutdown() stops it, as start_server does
+        self._server = server
         callers = ", ".join(str(a) for a in c.allowed_callers) or "any calling AE"
         logger.info(
-            "listening as %s on %s:%d%s; accepting %s; max %d associations",
+            "listening as %s on %s:%d%s; accepting %s calling %s; max %d associations, "
+            "%d pending connections (%d per peer, %g s to associate)",
             c.ae_title,
             *self.address,
             " (TLS)" if ctx else "",
             callers,
+            c.ae_title if c.require_called_ae else "any AE title",
             c.maximum_associations,
+            c.maximum_pending,
+            c.maximum_pending_per_peer,
+            c.associate_timeout,
         )
         if not c.allowed_callers:
             logger.warning("no --allow-ae given: associations from any calling AE are accepted")
@@ -230,7 +265,22 @@ class StorageSCP:
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        called = str(assoc.requestor.primitive.called_ae_title).strip()
         address = str(assoc.requestor.address)
+        if self.config.require_called_ae and called != self.config.ae_title:
+            logger.warning(
+                "association from AE %r at %s:%s rejected: it called AE title %r, not ours "
+                "(%s); configure the sender's destination with our AE title",
+                calling,
+                address,
+                assoc.requestor.port,
+                called,
+                self.config.ae_title,
+            )
+            # permanent, service user, "called AE title not recognised"
+            assoc.acse.send_reject(0x01, 0x01, 0x07)
+            assoc.kill()
+            return
         if not self._allowed(calling, address):
             logger.warning(
                 "association from AE %r at %s:%s rejected: calling AE title not in the "
@@ -424,6 +474,21 @@ class StorageSCP:
         verdict = _triage_safely(ds, self.config.own_marker)
         if seen == "own_result":
             verdict = Verdict(False, "own_result", "one of our own results")
+        if verdict.candidate:
+            c = self.config
+            try:
+                big = too_large(ds, c.maximum_image_pixels, c.maximum_image_bytes)
+            except (ValueError, TypeError) as exc:
+                verdict, big = Verdict(False, "unreadable_header", type(exc).__name__), None
+            if big:
+                logger.warning(
+                    "association %d: instance %s refused (0xA701 too_large): %s; nothing was "
+                    "decoded. Send a smaller export or raise maximum_image_pixels/_bytes",
+                    stats.number,
+                    sop,
+                    big,
+                )
+                return STATUS_TOO_LARGE
         calling = stats.calling_ae
         if not verdict.candidate or not study:
             reason = verdict.reason or "no_study_uid"

@@ -14,9 +14,18 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+from dicom_covid.reader import declared_size
+
 from .config import OWN_MARKER
 
-__all__ = ["CANDIDATE_SOP_CLASSES", "Verdict", "incomplete", "is_own_result", "triage"]
+__all__ = [
+    "CANDIDATE_SOP_CLASSES",
+    "Verdict",
+    "incomplete",
+    "is_own_result",
+    "too_large",
+    "triage",
+]
 
 #: SOP classes whose single-frame grayscale images may be chest radiographs.
 CANDIDATE_SOP_CLASSES = {
@@ -80,6 +89,29 @@ def incomplete(ds: Dataset) -> str | None:
     if sop_class in CANDIDATE_SOP_CLASSES and not any(k in ds for k in _PIXEL_KEYWORDS):
         return f"a {CANDIDATE_SOP_CLASSES[sop_class]} data set without Pixel Data"
     return None
+
+
+def too_large(ds: Dataset, maximum_pixels: int, maximum_bytes: int) -> str | None:
+    """Say why an image is too large to analyse, or None when it fits the limits.
+
+    Only the header is read (Rows x Columns x Number of Frames and the decoded size from
+    Samples per Pixel and Bits Allocated, see :func:`dicom_covid.reader.declared_size`), so a
+    decompression bomb costs nothing to refuse.
+
+    Raises
+    ------
+    ValueError, TypeError
+        When one of those header values is not a number.
+    """
+    pixels, decoded = declared_size(ds)
+    if pixels <= maximum_pixels and decoded <= maximum_bytes:
+        return None
+    return (
+        f"{int(ds.get('Rows', 0) or 0)}x{int(ds.get('Columns', 0) or 0)} pixels x "
+        f"{int(ds.get('NumberOfFrames', 1) or 1)} frame(s) = {pixels / 2**20:.0f} Mi pixels, "
+        f"{decoded / 2**20:.0f} MiB decoded; limits {maximum_pixels / 2**20:.0f} Mi pixels, "
+        f"{maximum_bytes / 2**20:.0f} MiB"
+    )
 
 
 def is_own_result(ds: Dataset, marker: str = OWN_MARKER) -> bool:

@@ -27,7 +27,9 @@ from typing import Any
 
 import pydicom
 
+from dicom_covid.config import ReaderConfig
 from dicom_covid.errors import DicomCovidError, InputRejected, ResultEncodingError
+from dicom_covid.reader import check_image_size
 
 from .config import ServiceConfig
 from .jobs import Instance, Job, JobStore, ResultFile
@@ -120,6 +122,9 @@ class JobProcessor:
         Delivery target keys every result is queued for.
     analyse : callable
         ``analyse(dataset) -> ResultSet`` with ``prediction``, ``sr`` and ``sc``.
+    limits : ReaderConfig, optional
+        ``max_pixels`` and ``max_decoded_bytes`` checked from the header before an image is
+        decoded (default: the reader's defaults); a larger image fails as ``too_large``.
     """
 
     def __init__(
@@ -128,11 +133,13 @@ class JobProcessor:
         results_dir: Path,
         targets: Sequence[str],
         analyse: Callable[[pydicom.Dataset], Any],
+        limits: ReaderConfig | None = None,
     ) -> None:
         self.store = store
         self.results_dir = ensure_private_dir(Path(results_dir))
         self.targets = tuple(targets)
         self.analyse = analyse
+        self.limits = limits or ReaderConfig()
 
     def process(self, job: Job) -> str:
         """Analyse every grouped image of ``job``; return the job's new state."""
@@ -173,6 +180,7 @@ class JobProcessor:
             if inst.path is None or not inst.path.is_file():
                 raise FileNotFoundError(f"spooled file of {sop} is missing")
             ds = pydicom.dcmread(inst.path)
+            check_image_size(ds, self.limits, sop)  # before anything is decoded
             result = self.analyse(ds)
             self.store.set_instance_state(sop, "inferred")
             files = []
@@ -276,7 +284,11 @@ def worker_main(
     )
     status_queue.put(("ready", analyse.model_name))
     store = JobStore(config.db_path)
-    processor = JobProcessor(store, config.results_dir, config.sender().targets(), analyse)
+    limits = ReaderConfig(
+        max_pixels=config.scp.maximum_image_pixels,
+        max_decoded_bytes=config.scp.maximum_image_bytes,
+    )
+    processor = JobProcessor(store, config.results_dir, config.sender().targets(), analyse, limits)
     try:
         while not stop_event.is_set():
             try:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import io
+import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,12 +49,23 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    RLELossless,
     generate_uid,
 )
 
-__all__ = ["CASES", "Case", "Expected", "build_corpus", "encode_dataset", "part10", "send_exact"]
+__all__ = [
+    "CASES",
+    "Case",
+    "Expected",
+    "build_corpus",
+    "encode_dataset",
+    "part10",
+    "rle_bomb",
+    "send_exact",
+]
 
 CANNOT_UNDERSTAND = 0xC210
+TOO_LARGE = 0xA701
 #: A private transfer syntax (explicit VR little endian encoding) no listener offers.
 PRIVATE_TS = pydicom.uid.register_transfer_syntax("1.2.826.0.1.3680043.9.9999.1", False, True)
 MISMATCH = 0xA900
@@ -709,13 +721,43 @@ def _rows0() -> tuple[Dataset, str]:
 
 @case(
     "huge_dimensions",
-    "Rows and Columns 65535 (8 GiB of pixels claimed, 1.3 MB sent)",
-    failed("bad_dimensions"),
+    "Rows and Columns 65535 (8 GiB of pixels claimed, 1.3 MB sent): refused from the header",
+    refused(TOO_LARGE),
 )
 def _huge() -> tuple[Dataset, str]:
     ds = chest()
     ds.Rows = ds.Columns = 65535
     return ds, ExplicitVRLittleEndian
+
+
+def rle_bomb(side: int = 16384) -> Dataset:
+    """A chest CR whose RLE Pixel Data decodes to ``side`` x ``side`` 16-bit pixels.
+
+    Each of the two byte planes is one long replicate run (0x81: repeat the next byte 128
+    times), so 16384 x 16384 (512 MiB decoded) takes about 8 MB.
+    """
+    ds = chest()
+    n = side * side
+    assert n % 128 == 0
+    plane = b"\x81\x00" * (n // 128)  # value 0 in the high and in the low byte plane
+    header = struct.pack("<16L", 2, 64, 64 + len(plane), *([0] * 13))
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    for keyword in ("WindowCenter", "WindowWidth"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    return _with_frame(ds, header + plane + plane)
+
+
+@case(
+    "rle_decompression_bomb",
+    "an 8 MB RLE CR declaring 16384 x 16384 pixels (512 MiB decoded): refused from the header",
+    refused(TOO_LARGE),
+)
+def _bomb() -> tuple[Dataset, str]:
+    return rle_bomb(), RLELossless
 
 
 @case("tiny_dimensions", "a consistent 16x16 image", failed("bad_dimensions"))

@@ -76,6 +76,7 @@ READER_REASONS = frozenset(
         "bad_header",
         "lateral_view",
         "decode_failed",
+        "too_large",
     }
 )
 #: Skip reasons the listener records.
@@ -92,8 +93,9 @@ TRIAGE_REASONS = frozenset(
         "no_study_uid",
     }
 )
-#: C-STORE statuses the listener may answer to a data set (0xA700 needs a full disk).
-RECEIVE_STATUSES = frozenset({0x0000, 0xA900, 0xC210})
+#: C-STORE statuses the listener may answer to a data set (0xA700 needs a full disk; 0xA701:
+#: a mutated Rows/Columns/Number of Frames declares a too large image).
+RECEIVE_STATUSES = frozenset({0x0000, 0xA900, 0xA701, 0xC210})
 
 #: (tag, VR, candidate raw values) of header fields the mutations change.
 _US = [0, 1, 2, 3, 7, 8, 12, 15, 16, 17, 31, 32, 33, 64, 127, 128, 4095, 32768, 65535]

@@ -11,13 +11,14 @@ logged may contain a patient name or ID, in any character set.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections import Counter
 from pathlib import Path
 
 import pydicom
 import pytest
-from badinputs import CASES, CHARSET_NAMES, Case, build_corpus, send_exact
+from badinputs import CASES, CHARSET_NAMES, TOO_LARGE, Case, build_corpus, rle_bomb, send_exact
 from live_service import ServeProcess
 from pacs_helpers import PATIENT_ID, PATIENT_NAME, chest_cr, model_bundle, wait_until
 
@@ -146,6 +147,71 @@ def test_service_still_classifies_a_good_study(outcomes, live: ServeProcess, bun
     assert probs == pytest.approx(sorted(expected.probabilities.values()), abs=1e-4)
     assert any(v == pytest.approx(expected.covid_score, abs=1e-4) for v in numbers.values())
     assert "worker process exited unexpectedly" not in live.log.read_text()
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the worker and multiprocessing's helpers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                text = Path(f"/proc/{p}/task/{task}/children").read_text()
+                todo += [int(c) for c in text.split()]
+    return out
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for p in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _memory_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {key} for process {pid}")
+
+
+def _results_within(live: ServeProcess, ds: pydicom.Dataset, timeout: float) -> float:
+    """Send ``ds`` and return the seconds until its SR and SC are in the output folder."""
+    t0 = time.monotonic()
+    assert send_exact(_as_file(ds, live.folder / f"{ds.SOPInstanceUID}.dcm"), live.port) == 0
+    study = live.out / ds.StudyInstanceUID
+    wait_until(lambda: len(list(study.glob("*.dcm"))) == 2, timeout, what="the SR and SC")
+    return time.monotonic() - t0
+
+
+@pytest.mark.timeout(300)
+def test_decompression_bomb_is_refused_cheaply(outcomes, live: ServeProcess) -> None:
+    """Acceptance of issue 11, item 3: the 16384 x 16384 RLE CR (8 MB) is refused with 0xA701
+    using at most 1 s of CPU (service and worker together) and 200 MB more memory, and a normal
+    study sent right after it gets its results as fast as one sent before it."""
+    before_s = _results_within(live, chest_cr(), 120)
+    bomb = live.folder / "bomb.dcm"
+    _as_file(rle_bomb(), bomb)
+    assert 7e6 < bomb.stat().st_size < 10e6
+    pids = _process_tree(live.pid)
+    assert len(pids) >= 2, "the worker process was not found"
+    Path(f"/proc/{live.pid}/clear_refs").write_text("5")  # restart the peak-RSS count
+    rss0 = _memory_kib(live.pid, "VmRSS")
+    cpu0 = _cpu_seconds(pids)
+    assert send_exact(bomb, live.port) == TOO_LARGE
+    cpu = _cpu_seconds(pids) - cpu0
+    grown_mb = (_memory_kib(live.pid, "VmHWM") - rss0) / 1024
+    after_s = _results_within(live, chest_cr(), 120)
+    print(
+        f"bomb refused: {cpu:.2f} s CPU, peak memory +{grown_mb:.0f} MB; normal study before "
+        f"{before_s:.1f} s, after {after_s:.1f} s"
+    )
+    assert cpu <= 1.0 and grown_mb <= 200
+    assert after_s <= 2 * before_s + 10
+    assert "refused (0xA701 too_large): 16384x16384 pixels" in live.log.read_text()
 
 
 def _as_file(ds: pydicom.Dataset, path: Path) -> Path:

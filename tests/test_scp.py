@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import logging
 import shutil
+import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom
@@ -30,7 +33,14 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from pacs_listener.config import AllowedCaller, Destination, ScpConfig, SenderConfig, TlsConfig
+from pacs_listener.config import (
+    AllowedCaller,
+    ConfigError,
+    Destination,
+    ScpConfig,
+    SenderConfig,
+    TlsConfig,
+)
 from pacs_listener.jobs import JobStore, ResultFile
 from pacs_listener.scp import (
     STATUS_CANNOT_UNDERSTAND,
@@ -239,6 +249,63 @@ def test_association_limit(tmp_path: Path) -> None:
             assert not second.is_established and second.is_rejected
         finally:
             first.release()
+
+
+def test_called_ae_title_must_be_ours_unless_configured(tmp_path: Path) -> None:
+    with Listener(tmp_path / "strict") as lis:
+        assert echo(lis.port, called="SOMEONE")[:3] == (False, None, True)
+        assert echo(lis.port)[:2] == (True, 0)
+    with Listener(tmp_path / "any", require_called_ae=False) as lis:
+        assert echo(lis.port, called="SOMEONE")[:2] == (True, 0)
+
+
+def test_pending_connections_push_out_their_own_oldest(tmp_path: Path) -> None:
+    """With 2 pending connections allowed per peer and 3 in total, silent sockets of one address
+    only push out that address's oldest; a full gate drops the oldest of all; a client that
+    sends its request at once always gets in."""
+    with Listener(tmp_path, maximum_pending=3, maximum_pending_per_peer=2) as lis:
+        gate = lis.scp._server.guard.gate
+
+        def connect(bind: str) -> socket.socket:
+            s = socket.create_connection(("127.0.0.1", lis.port), source_address=(bind, 0))
+            s.settimeout(5)
+            return s
+
+        a1, a2 = connect("127.0.0.2"), connect("127.0.0.2")
+        b1 = connect("127.0.0.3")
+        time.sleep(0.3)
+        assert gate.counts() == (3, {"127.0.0.2": 2, "127.0.0.3": 1})
+        a3 = connect("127.0.0.2")  # pushes out a1, its own oldest
+        assert a1.recv(1) == b""
+        time.sleep(0.3)
+        assert gate.counts() == (3, {"127.0.0.2": 2, "127.0.0.3": 1})
+        assert echo(lis.port)[:2] == (True, 0)  # pushed out a2, the oldest of all
+        assert a2.recv(1) == b""
+        time.sleep(0.3)
+        assert gate.counts() == (2, {"127.0.0.2": 1, "127.0.0.3": 1})
+        for s in (a1, a2, a3, b1):
+            s.close()
+
+
+def test_out_of_order_or_oversized_first_pdu_gets_an_abort(tmp_path: Path) -> None:
+    with Listener(tmp_path, maximum_associate_rq_size=1024) as lis:
+        for header, reason in (
+            (struct.pack(">BBL", 0x04, 0, 100), 2),  # P-DATA before any association
+            (struct.pack(">BBL", 0x01, 0, 1025), 6),  # larger than the limit
+            (b"GET / ", 1),  # not DICOM at all
+        ):
+            with socket.create_connection(("127.0.0.1", lis.port), timeout=5) as s:
+                s.sendall(header)
+                # A-ABORT, source: service provider, with the reason; then the service closes
+                assert s.recv(10) == struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 2, reason)
+                assert s.recv(1) == b""
+        assert echo(lis.port)[:2] == (True, 0)
+
+
+def test_scp_timeouts_must_be_positive() -> None:
+    for name in ("associate_timeout", "pdu_timeout", "network_timeout"):
+        with pytest.raises(ConfigError, match=name):
+            ScpConfig(**{name: 0})
 
 
 def test_association_is_logged_without_patient_data(listener: Listener, caplog) -> None:

@@ -3,7 +3,8 @@ in any log, private state files, no path escapes through UIDs.
 
 Most tests run against one real ``dicom-covid serve`` subprocess started with an allow-list tied
 to a host (``--allow-ae ORTHANC@127.0.0.1``), two associations at most, a 16 KiB PDU limit,
-3-second association and idle timeouts (``[scp]`` in a TOML file), debug logging (``-v``, the
+3-second association, request, mid-PDU and idle timeouts and at most 6 pending connections per
+peer (``[scp]`` in a TOML file), debug logging (``-v``, the
 most talkative setting) and umask 000, so file modes cannot come from the umask. The TLS tests
 use an in-process listener and throw-away CAs made with ``openssl``. ``tests/test_scp.py``
 already checks the plain allow-list, the host check, a limit of one association and TLS with a
@@ -64,7 +65,10 @@ def bundle(tmp_path_factory) -> Path:
 def guarded(tmp_path_factory, bundle: Path):
     folder = tmp_path_factory.mktemp("guarded")
     config = folder / "serve.toml"
-    config.write_text("[scp]\nacse_timeout = 3.0\nnetwork_timeout = 3.0\n")
+    config.write_text(
+        "[scp]\nacse_timeout = 3.0\nnetwork_timeout = 3.0\nassociate_timeout = 3.0\n"
+        "pdu_timeout = 3.0\nmaximum_pending_per_peer = 6\n"
+    )
     svc = ServeProcess(
         folder,
         bundle,
@@ -183,6 +187,105 @@ def test_silent_tcp_connections_are_dropped(guarded: ServeProcess) -> None:
     finally:
         for s in socks:
             s.close()
+    _serves(guarded)
+
+
+def _closed_by_service(sock: socket.socket, within: float) -> float:
+    """Wait until the service closes ``sock`` (EOF or reset, after an optional A-ABORT PDU);
+    return the seconds it took. Fails when it is still open after ``within`` seconds."""
+    t0 = time.monotonic()
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(f"the service kept the connection open for {within} s") from None
+    return time.monotonic() - t0
+
+
+def _half_pdu(port: int, length: int = 0xFFFFFFF0, body: bytes = b"", bind: str = "127.0.0.1"):
+    """A raw connection that sends the header of an A-ASSOCIATE-RQ announcing ``length`` bytes
+    (and ``body``), then nothing."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(bind, 0))
+    s.sendall(struct.pack(">BBL", 0x01, 0, length) + body)
+    return s
+
+
+def test_stalled_half_pdus_and_silent_sockets_cannot_lock_out_a_sender(
+    guarded: ServeProcess,
+) -> None:
+    """Acceptance of issue 11, item 1: while 8 stalled half-PDUs (an A-ASSOCIATE-RQ header
+    claiming ~4 GB, then silence) and 10 silent TCP sockets are held open, from the allow-listed
+    address itself and from another one, an allow-listed C-ECHO and C-STORE succeed within 5 s."""
+    _serves(guarded)
+    held: list[socket.socket] = []
+    try:
+        for i in range(8):
+            held.append(_half_pdu(guarded.port, bind="127.0.0.1" if i % 2 else "127.0.0.3"))
+        for i in range(10):
+            bind = "127.0.0.1" if i % 2 else "127.0.0.3"
+            held.append(
+                socket.create_connection(("127.0.0.1", guarded.port), source_address=(bind, 0))
+            )
+        time.sleep(0.5)  # every attacker is connected and waiting
+        t0 = time.monotonic()
+        assert echo(guarded.port)[:2] == (True, 0)
+        ds = chest_cr()
+        assert send([ds], guarded.port) == [0]
+        took = time.monotonic() - t0
+        assert took < 5.0, f"echo + C-STORE took {took:.1f} s"
+        # the 4 GB claims were refused at once, the silent ones within the 3 s request timeout
+        for s in held[:8]:
+            assert _closed_by_service(s, 2.0) < 2.0
+        for s in held[8:]:
+            assert _closed_by_service(s, 8.0) < 8.0
+    finally:
+        for s in held:
+            s.close()
+    with _store(guarded) as store:
+        assert store.instance(ds.SOPInstanceUID) is not None
+    log = guarded.log.read_text()
+    assert "announced an A-ASSOCIATE-RQ of 4294967280 bytes" in log
+    _serves(guarded)
+
+
+def test_a_request_trickled_too_slowly_is_cut_off(guarded: ServeProcess) -> None:
+    """A plausible A-ASSOCIATE-RQ (200 bytes announced) of which 10 arrive, then a byte every
+    second: closed when the 3-second request timeout ends, however it trickles."""
+    _serves(guarded)
+    with _half_pdu(guarded.port, 200, b"\0" * 10) as s:
+        t0 = time.monotonic()
+        with contextlib.suppress(OSError):
+            for _ in range(10):
+                time.sleep(1.0)
+                s.sendall(b"\0")
+        took = _closed_by_service(s, 10.0) + (time.monotonic() - t0)
+        assert 2.5 < took < 8.0, took
+    _serves(guarded)
+
+
+def test_a_peer_silent_in_the_middle_of_a_pdu_is_cut_off(guarded: ServeProcess) -> None:
+    """After a normal association, a P-DATA-TF header announcing 1000 bytes, 10 of them, then
+    silence: closed after the 3-second mid-PDU timeout; the slot is free again."""
+    _serves(guarded)
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=20) as s:
+        s.sendall(_raw_associate_rq())
+        assert s.recv(1) == b"\x02"  # A-ASSOCIATE-AC
+        s.recv(65536)
+        s.sendall(struct.pack(">BBL", 0x04, 0, 1000) + b"\0" * 10)
+        assert _closed_by_service(s, 10.0) < 8.0
+    _serves(guarded)
+
+
+def test_wrong_called_ae_title_is_rejected(guarded: ServeProcess) -> None:
+    _serves(guarded)
+    ae = scu("ORTHANC")
+    assoc = ae.associate("127.0.0.1", guarded.port, ae_title="NOT-US")
+    # rejected, permanent, service user, "called AE title not recognised"
+    assert not assoc.is_established and _rejection(assoc) == (1, 1, 7)
+    assert "it called AE title 'NOT-US', not ours (DICOMCOVID)" in guarded.log.read_text()
     _serves(guarded)
 
 
