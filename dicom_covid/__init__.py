@@ -41,10 +41,14 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str):  # lazy: importing the package must not import torch
-    if name in ("Predictor", "Prediction", "DISCLAIMER"):
-        from . import inference
+    if name in ("Prediction", "DISCLAIMER"):
+        from . import prediction
 
-        return getattr(inference, name)
+        return getattr(prediction, name)
+    if name == "Predictor":
+        from .inference import Predictor
+
+        return Predictor
     if name == "Bundle":
         from .bundle import Bundle
 

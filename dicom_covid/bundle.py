@@ -559,3 +559,34 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def set_model_facts(bundle: Bundle, name: str, entries: Mapping[str, object]) -> Path:
+    """Set top-level entries of a single model's facts JSON, atomically.
+
+    Parameters
+    ----------
+    bundle : Bundle
+    name : str
+        A single model of the bundle.
+    entries : mapping
+        Keys to set (replacing what was there).
+
+    Returns
+    -------
+    pathlib.Path
+        The facts file.
+
+    Raises
+    ------
+    BundleError
+        Unknown model or an ensemble.
+    """
+    entry = bundle._own["models"].get(name)
+    if entry is None or "facts" not in entry or bundle.is_ensemble(name):
+        raise BundleError(f"{name!r} is not a single model of the bundle {bundle.root}.")
+    path = bundle.root / entry["facts"]
+    facts = json.loads(path.read_text())
+    facts.update(entries)
+    _write_atomic(path, json.dumps(facts, indent=2) + "\n")
+    return path

@@ -8,17 +8,19 @@ is a screening aid for research, never a diagnosis.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .abstention import AbstentionPolicy, FeatureDensity
 from .bundle import Bundle, ModelFacts
 from .errors import BundleError
 from .models import build_model, load_checkpoint_weights
+from .prediction import DISCLAIMER, Prediction
 from .preprocessing import Preprocessing
 from .reader import XrayImage, read_image
 from .transforms import RepeatNormalize
@@ -26,59 +28,6 @@ from .transforms import RepeatNormalize
 __all__ = ["DISCLAIMER", "Prediction", "Predictor"]
 
 logger = logging.getLogger(__name__)
-
-#: Printed or embedded in every output.
-DISCLAIMER = "RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE"
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Result of classifying one image.
-
-    Attributes
-    ----------
-    probabilities : dict of str to float
-        Softmax probability per label, in the bundle's label order.
-    label : str
-        Most probable label.
-    covid_score : float
-        ``probabilities["covid"]``.
-    covid_threshold : float
-        Operating threshold of the model.
-    covid_suspected : bool
-        ``covid_score >= covid_threshold``: the screening decision.
-    model_name, model_title : str
-        Model name (backbone key or ensemble name) and display name.
-    bundle_version : str
-        Version of the bundle the model came from.
-    image_facts : dict
-        What the reader used (format, view, photometric interpretation, ...); no patient data.
-    model_members : tuple of str
-        Member models when the model is an ensemble, else empty.
-    """
-
-    probabilities: dict[str, float]
-    label: str
-    covid_score: float
-    covid_threshold: float
-    covid_suspected: bool
-    model_name: str
-    model_title: str
-    bundle_version: str
-    image_facts: dict = field(default_factory=dict)
-    model_members: tuple[str, ...] = ()
-
-    @property
-    def decision(self) -> str:
-        """``"COVID-19 suspected"`` or ``"COVID-19 not suspected"``."""
-        return "COVID-19 suspected" if self.covid_suspected else "COVID-19 not suspected"
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable form, with the decision and the research-use disclaimer."""
-        d = asdict(self)
-        d["decision"] = self.decision
-        d["disclaimer"] = DISCLAIMER
-        return d
 
 
 class Predictor:
@@ -98,6 +47,9 @@ class Predictor:
         Model name in the bundle, single or ensemble (default: the bundle's default model).
     device : str
         Torch device (default ``"cpu"``).
+    abstention : mapping, optional
+        A site's overrides of the model's abstention policy (see
+        :class:`dicom_covid.abstention.AbstentionPolicy`), e.g. ``{"enabled": False}``.
 
     Raises
     ------
@@ -116,6 +68,7 @@ class Predictor:
         bundle: Bundle | str | Path | None = None,
         model: str | None = None,
         device: str = "cpu",
+        abstention: Mapping[str, Any] | None = None,
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.facts: ModelFacts = self.bundle.facts(model)
@@ -124,8 +77,11 @@ class Predictor:
         self._covid = self.labels.index("covid")
         self._model: nn.Module | None = None
         self._members: list[Predictor] = []
+        self._set_abstention(abstention)
         if self.facts.is_ensemble:
-            self._members = [Predictor(self.bundle, m, device) for m in self.facts.members]
+            self._members = [
+                Predictor(self.bundle, m, device, abstention) for m in self.facts.members
+            ]
             logger.info(
                 "loaded ensemble %s (%s) from bundle %s",
                 self.facts.name,
@@ -142,10 +98,37 @@ class Predictor:
         net.load_state_dict(load_checkpoint_weights(f.weights))
         self._model = net.eval().to(self.device)
         #: The model's input pipeline, from its facts (see :mod:`dicom_covid.preprocessing`).
-        self.preprocessing = Preprocessing(f.input_size, f.raw.get("preprocessing") or {})
+        self.preprocessing = Preprocessing(
+            f.input_size, f.raw.get("preprocessing") or {}, bundle=self.bundle
+        )
         self._normalize = RepeatNormalize(f.mean, f.std)
         #: Softmax temperature fitted on the val split (1.0 when the model was not calibrated).
         self.temperature = float(f.raw.get("temperature", 1.0))
+        # Penultimate features (input of the last linear layer) for the out-of-distribution check.
+        self._features: list[torch.Tensor] = []
+        linear = [m for m in self._model.modules() if isinstance(m, nn.Linear)]
+        if linear:
+            linear[-1].register_forward_pre_hook(
+                lambda _m, args: self._features.append(args[0].detach().float().flatten(1))
+            )
+
+    def _set_abstention(self, overrides: Mapping[str, Any] | None) -> None:
+        facts = self.facts.raw.get("abstention") or {}
+        #: When this model gives no verdict (see :mod:`dicom_covid.abstention`).
+        self.abstention = AbstentionPolicy.from_facts(facts, overrides)
+        self.density: FeatureDensity | None = None
+        ood = facts.get("ood")
+        if isinstance(ood, Mapping) and ood.get("file"):
+            path = self.bundle.root / ood["file"]
+            if not path.is_file() and self.facts.weights is not None:
+                path = self.facts.weights.parent / Path(ood["file"]).name
+            if not path.is_file():
+                raise BundleError(
+                    f"model {self.facts.name!r}: out-of-distribution statistics {path} are "
+                    "missing; reinstall the bundle or remove 'abstention.ood' from its facts."
+                )
+            self.density = FeatureDensity.load(path)
+        self._segmenter: Any = None
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> Predictor:
@@ -185,7 +168,9 @@ class Predictor:
         self.labels = self.facts.labels
         self._covid = self.labels.index("covid")
         self._members = []
+        self._model = None
         self._load_network()
+        self._set_abstention(None)
         return self
 
     @property
@@ -244,6 +229,111 @@ class Predictor:
         return self._normalize(img), info
 
     @torch.no_grad()
+    def analyse(
+        self, images: Sequence[XrayImage], batch_size: int = 16
+    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Probabilities ``(N, C)`` and, per image, the facts the abstention checks use.
+
+        Each dict holds ``ood_distance`` (None without statistics), ``lung_fraction`` (None
+        when the pipeline did not segment the lungs) and the preprocessing facts.
+        """
+        if self.is_ensemble:
+            if not len(images):
+                return np.zeros((0, len(self.labels))), []
+            runs = [m.analyse(images, batch_size) for m in self._members]
+            probs = np.mean(np.stack([r[0] for r in runs]), axis=0)
+            infos = []
+            for i in range(len(images)):
+                dists = [r[1][i]["ood_distance"] for r in runs]
+                ratios = [
+                    d / m.abstention.ood_threshold
+                    for d, m in zip(dists, self._members, strict=True)
+                    if d is not None and m.abstention.ood_threshold
+                ]
+                lungs = [r[1][i]["lung_fraction"] for r in runs if r[1][i]["lung_fraction"]]
+                infos.append(
+                    {
+                        "ood_ratio": max(ratios) if ratios else None,
+                        "ood_distance": None,
+                        "lung_fraction": lungs[0] if lungs else None,
+                    }
+                )
+            return probs, infos
+        out, infos = [], []
+        #: Penultimate features of the images of the last :meth:`analyse` call, per batch.
+        self.last_features: list[np.ndarray] = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i : i + batch_size]
+            prepared = [self.prepared(im) for im in chunk]
+            x = torch.stack([p[0] for p in prepared]).to(self.device)
+            self._features.clear()
+            logits = self.model(x).float() / self.temperature
+            out.append(torch.softmax(logits, dim=1).cpu().numpy())
+            feats = self._features[-1].cpu().numpy() if self._features else None
+            if feats is not None:
+                self.last_features.append(feats)
+            dist = self.density.distance(feats) if self.density is not None else None
+            for j, (_, info) in enumerate(prepared):
+                d = None if dist is None else float(dist[j])
+                thr = self.abstention.ood_threshold
+                infos.append(
+                    {
+                        **info,
+                        "ood_distance": d,
+                        "ood_ratio": d / thr if d is not None and thr else None,
+                        "lung_fraction": info.get("lung_fraction"),
+                    }
+                )
+        probs = np.concatenate(out) if out else np.zeros((0, len(self.labels)))
+        return probs, infos
+
+    def _lung_fraction(self, image: XrayImage) -> float | None:
+        """Lung share of the image by the bundle's U-Net (for models that do not crop).
+
+        None when the bundle has no lung segmenter: the ``no_lung_fields`` check is then
+        skipped (logged once).
+        """
+        if self._segmenter is None:
+            from .lungs import LungSegmenter
+
+            try:
+                self._segmenter = LungSegmenter(self.bundle, device=str(self.device))
+            except BundleError as exc:
+                logger.warning("lung-field check off for %s: %s", self.facts.name, exc)
+                self._segmenter = False
+        if self._segmenter is False:
+            return None
+        return self._segmenter.lung_fraction(image)
+
+    def predict_batch(self, images: Sequence[XrayImage], batch_size: int = 16) -> list[Prediction]:
+        """Classify images, each with its abstention decision."""
+        probs, infos = self.analyse(images, batch_size)
+        out = []
+        for image, p, info in zip(images, probs, infos, strict=True):
+            lung = info.get("lung_fraction")
+            if lung is None and "no_lung_fields" in self.abstention.checks:
+                lung = self._lung_fraction(image)
+            ratio = info.get("ood_ratio")
+            score = float(p[self._covid])
+            reasons = self.abstention.reasons(
+                pixels=image.pixels,
+                lung_fraction=lung,
+                ood_ratio=ratio,
+                covid_score=score,
+                covid_threshold=self.facts.covid_threshold,
+            )
+            out.append(
+                self.to_prediction(
+                    p,
+                    image,
+                    reasons=reasons,
+                    ood_score=ratio,
+                    lung_fraction=lung,
+                )
+            )
+        return out
+
+    @torch.no_grad()
     def probabilities(self, images: Sequence[XrayImage], batch_size: int = 16) -> np.ndarray:
         """Softmax probabilities ``(N, C)`` for a sequence of images.
 
@@ -255,32 +345,45 @@ class Predictor:
                 return np.zeros((0, len(self.labels)))
             per_member = [m.probabilities(images, batch_size) for m in self._members]
             return np.mean(np.stack(per_member), axis=0)
-        out = []
-        for i in range(0, len(images), batch_size):
-            x = torch.cat([self.input_tensor(im) for im in images[i : i + batch_size]])
-            logits = self.model(x).float() / self.temperature
-            out.append(torch.softmax(logits, dim=1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)))
+        return self.analyse(images, batch_size)[0]
 
-    def to_prediction(self, probs: np.ndarray, image: XrayImage | None = None) -> Prediction:
-        """Wrap one row of probabilities as a :class:`Prediction`."""
+    def to_prediction(
+        self,
+        probs: np.ndarray,
+        image: XrayImage | None = None,
+        reasons: tuple[str, ...] = (),
+        ood_score: float | None = None,
+        lung_fraction: float | None = None,
+    ) -> Prediction:
+        """Wrap one row of probabilities as a :class:`Prediction`.
+
+        ``reasons`` are abstention reason codes; the prediction is indeterminate when the
+        policy abstains on them.
+        """
         score = float(probs[self._covid])
+        abstained = self.abstention.abstains(reasons)
+        facts = image.facts() if image is not None else {}
+        if lung_fraction is not None:
+            facts["lung_fraction"] = round(float(lung_fraction), 4)
         return Prediction(
             probabilities={lab: float(p) for lab, p in zip(self.labels, probs, strict=True)},
             label=self.labels[int(np.argmax(probs))],
             covid_score=score,
             covid_threshold=self.facts.covid_threshold,
-            covid_suspected=score >= self.facts.covid_threshold,
+            covid_suspected=score >= self.facts.covid_threshold and not abstained,
             model_name=self.facts.name,
             model_title=self.facts.title,
             bundle_version=self.bundle.version,
-            image_facts=image.facts() if image is not None else {},
+            image_facts=facts,
             model_members=tuple(self.facts.members),
+            abstained=abstained,
+            abstention_reasons=tuple(reasons),
+            ood_score=None if ood_score is None else round(float(ood_score), 4),
         )
 
     def predict(self, image: XrayImage) -> Prediction:
-        """Classify one image."""
-        return self.to_prediction(self.probabilities([image])[0], image)
+        """Classify one image (with the abstention decision)."""
+        return self.predict_batch([image])[0]
 
     def predict_path(self, path: str | Path) -> Prediction:
         """Read (see :func:`~dicom_covid.reader.read_image`) and classify one file.

@@ -535,6 +535,22 @@ class LungSegmenter:
         x = ResizeSquare(self.input_size)(pixels)[None].to(self.device)
         return torch.sigmoid(self.model(_zscore(x)))[0, 0].float().cpu().numpy()
 
+    def lung_fraction(self, image: XrayImage | np.ndarray) -> float:
+        """Share of the image covered by the (post-processed) lung fields, at network size.
+
+        Cheap (no resize to the source resolution): used by the abstention check
+        ``no_lung_fields`` and by the lung-crop preprocessing.
+        """
+        pixels = np.asarray(getattr(image, "pixels", image), dtype=np.float32)
+        mask = postprocess(
+            self.probability(pixels),
+            self.threshold,
+            self.keep_components,
+            self.min_component_fraction,
+            self.fill_holes,
+        )
+        return float(mask.mean())
+
     @torch.no_grad()
     def mask(self, image: XrayImage | np.ndarray) -> np.ndarray:
         """Lung-field mask at the source resolution.

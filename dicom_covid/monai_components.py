@@ -325,7 +325,7 @@ class ClassificationRunner:
             What was written to the JSON file (``results``, ``rejected``, model identity,
             ``disclaimer``) plus ``files`` (the two paths).
         """
-        from .inference import DISCLAIMER
+        from .prediction import DISCLAIMER
 
         labels = list(self.facts.labels)
         covid = labels.index("covid")

@@ -78,7 +78,9 @@ class Preprocessing:
         The facts' ``preprocessing`` entry; ``{}`` for the plain ``resize`` pipeline.
     segmenter : object, optional
         A :class:`dicom_covid.lungs.LungSegmenter` (needed by ``lung_crop_clahe``; loaded from
-        the default bundle when None).
+        ``bundle`` on first use when None).
+    bundle : Bundle, optional
+        Where the segmenter comes from (default: the project's bundle).
 
     Raises
     ------
@@ -89,6 +91,7 @@ class Preprocessing:
     input_size: int
     spec: Mapping[str, Any]
     segmenter: Any = None
+    bundle: Any = None
 
     def __post_init__(self) -> None:
         self.spec = dict(self.spec or {})
@@ -121,7 +124,7 @@ class Preprocessing:
         if self.segmenter is None:
             from .lungs import LungSegmenter
 
-            self.segmenter = LungSegmenter()
+            self.segmenter = LungSegmenter(self.bundle)
         return self.segmenter
 
     def lung_box(self, base: torch.Tensor) -> tuple[tuple[int, int, int, int] | None, float]:

@@ -45,9 +45,11 @@ def _stub_predictor(name: str):
         model=model,
         labels=LABELS,
         facts=SimpleNamespace(gradcam_layer=spec.gradcam_layer),
-        input_tensor=lambda image: preprocess(image.pixels, spec.input_size, spec.mean, spec.std)[
-            None
-        ],
+        device=torch.device("cpu"),
+        prepared=lambda image: (
+            preprocess(image.pixels, spec.input_size, spec.mean, spec.std),
+            {},
+        ),
     )
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "CODING_SCHEME",
     "COVID19",
     "DISCLAIMER_COMMENT",
+    "INDETERMINATE",
     "MEASUREMENT_REPORT_TITLE",
     "NORMAL",
     "NOT_SUSPECTED",
@@ -30,10 +31,12 @@ __all__ = [
     "PROBABILITY_CODES",
     "PROCEDURE_CHEST_XRAY",
     "SCHEME",
+    "SCREENING_OUTCOME",
     "SCREENING_RESULT",
     "SUSPECTED",
     "THRESHOLD",
     "decision_code",
+    "outcome_code",
     "private",
 ]
 
@@ -67,6 +70,9 @@ PNEUMONIA = CodedConcept("233604007", "SCT", "Pneumonia")
 NORMAL = CodedConcept.from_code(codes.SCT.Normal)
 #: SNOMED CT 415684004 "Suspected" (qualifier value); in pydicom's dictionary.
 SUSPECTED = CodedConcept.from_code(codes.SCT.Suspected)
+#: SNOMED CT 82334004 "Indeterminate" (qualifier value); in pydicom's dictionary: the model
+#: abstained (no COVID-19 verdict).
+INDETERMINATE = CodedConcept.from_code(codes.SCT.Indeterminate)
 #: No SNOMED CT "not suspected" qualifier was verifiable offline: private.
 NOT_SUSPECTED = private("not-suspected", "Not suspected")
 
@@ -96,6 +102,19 @@ SCREENING_RESULT = {
     True: private("covid-susp", "AI: COVID-19 SUSPECTED (research only)"),
     False: private("covid-not-susp", "AI: COVID-19 not suspected (research only)"),
 }
+
+
+#: The screening outcome (see :data:`dicom_covid.prediction.OUTCOMES`) as a measurement name.
+SCREENING_OUTCOME = {
+    "suspected": SCREENING_RESULT[True],
+    "not_suspected": SCREENING_RESULT[False],
+    "indeterminate": private("covid-indet", "AI: INDETERMINATE, no COVID-19 verdict (research)"),
+}
+
+
+def outcome_code(outcome: str) -> CodedConcept:
+    """Value of the COVID-19 evaluation: Suspected, Not suspected or Indeterminate."""
+    return {"suspected": SUSPECTED, "not_suspected": NOT_SUSPECTED}.get(outcome, INDETERMINATE)
 
 
 def decision_code(suspected: bool) -> CodedConcept:

@@ -27,10 +27,10 @@ from pydicom.valuerep import DA, TM
 
 from .. import __version__
 from ..errors import ResultEncodingError
-from ..inference import DISCLAIMER
+from ..prediction import DISCLAIMER
 
 if TYPE_CHECKING:
-    from ..inference import Prediction
+    from ..prediction import Prediction
 
 __all__ = [
     "ALGORITHM_NAME",

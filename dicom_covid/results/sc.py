@@ -42,7 +42,7 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    from ..inference import Prediction
+    from ..prediction import Prediction
     from ..reader import XrayImage
 
 __all__ = ["BANNER", "build_heatmap_sc", "render_heatmap"]
@@ -132,13 +132,19 @@ def render_heatmap(
     rgb = overlay(image, heatmap, alpha=alpha)
     identity = ModelIdentity.from_prediction(prediction)
     h, w = rgb.shape[:2]
-    decision = (
-        "AI: COVID-19 SUSPECTED" if prediction.covid_suspected else "AI: COVID-19 not suspected"
-    )
+    decision = {
+        "suspected": "AI: COVID-19 SUSPECTED",
+        "not_suspected": "AI: COVID-19 not suspected",
+        "indeterminate": "AI: INDETERMINATE - no COVID-19 verdict ("
+        + ", ".join(prediction.abstention_reasons).replace("_", " ")
+        + ")",
+    }[prediction.outcome]
     top = [
         (BANNER, (255, 235, 59)),
         (
-            f"{decision} - P(COVID-19) {100 * prediction.covid_score:.1f}% "
+            decision
+            if prediction.abstained
+            else f"{decision} - P(COVID-19) {100 * prediction.covid_score:.1f}% "
             f"(threshold {100 * prediction.covid_threshold:.1f}%)",
             (255, 120, 100) if prediction.covid_suspected else (255, 255, 255),
         ),

@@ -46,7 +46,7 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    from ..inference import Prediction
+    from ..prediction import Prediction
 
 __all__ = ["TRACKING_IDENTIFIER", "build_sr", "read_sr_result"]
 
@@ -84,6 +84,16 @@ def _check_outline(outline: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return pts
 
 
+def _abstention_note(prediction: Prediction) -> str:
+    """Why the model gave no verdict, in words (empty when it gave one)."""
+    if not prediction.abstained:
+        return ""
+    from ..abstention import REASONS
+
+    why = "; ".join(REASONS.get(r, r) for r in prediction.abstention_reasons)
+    return f" No COVID-19 verdict: {why}."
+
+
 def _percent(value: float) -> float:
     return round(float(value) * 100.0, 4)
 
@@ -91,7 +101,7 @@ def _percent(value: float) -> float:
 def _measurements(prediction: Prediction) -> list[hd.sr.Measurement]:
     out = [
         hd.sr.Measurement(
-            name=codes.SCREENING_RESULT[bool(prediction.covid_suspected)],
+            name=codes.SCREENING_OUTCOME[prediction.outcome],
             value=_percent(prediction.covid_score),
             unit=codes.PERCENT,
         )
@@ -195,9 +205,7 @@ def build_sr(
             ),
             measurements=_measurements(prediction),
             qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(
-                    codes.COVID19, codes.decision_code(bool(prediction.covid_suspected))
-                )
+                hd.sr.QualitativeEvaluation(codes.COVID19, codes.outcome_code(prediction.outcome))
             ],
         )
         observer = hd.sr.ObservationContext(
@@ -228,7 +236,8 @@ def build_sr(
                 hd.sr.TextContentItem(
                     name=codes.DISCLAIMER_COMMENT,
                     value=f"{DISCLAIMER}. {prediction.decision} by {identity.short}; "
-                    "an automated research result, not verified by a physician.",
+                    "an automated research result, not verified by a physician."
+                    + _abstention_note(prediction),
                     relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
                 )
             ]

@@ -25,7 +25,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import DataError, InputRejected
-from ..inference import DISCLAIMER, Predictor
+from ..inference import Predictor
+from ..prediction import DISCLAIMER
 from ..reader import XrayImage, read_image
 from .data import LABELS, ManifestRow
 from .metrics import binary_auc, expected_calibration_error
@@ -33,6 +34,7 @@ from .shortcut import ShortcutControl, shortcut_features
 
 __all__ = [
     "HEADLINE_METRICS",
+    "adult_metrics",
     "compute_metrics",
     "evaluate_model",
     "load_predictions",
@@ -220,6 +222,77 @@ def compute_metrics(
     return result
 
 
+def _wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
+    """Wilson score interval of a proportion (95 % by default)."""
+    if n == 0:
+        return [float("nan"), float("nan")]
+    phat = successes / n
+    den = 1 + z**2 / n
+    centre = (phat + z**2 / (2 * n)) / den
+    half = z * np.sqrt(phat * (1 - phat) / n + z**2 / (4 * n**2)) / den
+    return [float(centre - half), float(centre + half)]
+
+
+def adult_metrics(
+    targets: np.ndarray,
+    probs: np.ndarray,
+    labels: Sequence[str] = LABELS,
+    covid_threshold: float | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, object]:
+    """COVID-19 against adult non-COVID pneumonia, on adult images only.
+
+    The question that matters for adults (the version-1 data could not answer it: its
+    pneumonia was pediatric): among adults with an infection on the film, does P(COVID-19)
+    separate COVID-19 from other pneumonia?
+
+    Parameters
+    ----------
+    targets, probs : numpy.ndarray
+        Adult rows only: class indices ``(N,)`` and probabilities ``(N, C)``.
+    labels : sequence of str
+        Class order.
+    covid_threshold : float, optional
+        Operating threshold for sensitivity (on COVID-19) and specificity (on pneumonia).
+    n_bootstrap, seed : int
+        Bootstrap of the AUC interval.
+
+    Returns
+    -------
+    dict
+        ``n``, ``class_counts``, ``accuracy`` (3-class, all adults), ``covid_vs_pneumonia_auc``
+        with ``_ci``, ``covid_vs_rest_auc``, and at the threshold ``covid_sensitivity`` /
+        ``covid_vs_pneumonia_specificity`` with Wilson intervals.
+    """
+    from .metrics import bootstrap_auc_ci
+
+    covid, pneu = labels.index("covid"), labels.index("pneumonia")
+    out: dict[str, object] = {
+        "n": int(targets.size),
+        "class_counts": {lab: int((targets == c).sum()) for c, lab in enumerate(labels)},
+        "accuracy": float((probs.argmax(1) == targets).mean()) if targets.size else float("nan"),
+        "covid_vs_rest_auc": binary_auc(targets == covid, probs[:, covid]),
+    }
+    infected = (targets == covid) | (targets == pneu)
+    y, score = (targets[infected] == covid), probs[infected, covid]
+    if y.any() and (~y).any():
+        auc, ci = bootstrap_auc_ci(y, score, n_resamples=n_bootstrap, seed=seed)
+        out["covid_vs_pneumonia_auc"], out["covid_vs_pneumonia_auc_ci"] = auc, ci
+    else:
+        out["covid_vs_pneumonia_auc"], out["covid_vs_pneumonia_auc_ci"] = float("nan"), None
+    if covid_threshold is not None:
+        flagged = score >= covid_threshold
+        tp, npos = int((flagged & y).sum()), int(y.sum())
+        tn, nneg = int((~flagged & ~y).sum()), int((~y).sum())
+        out["threshold"] = float(covid_threshold)
+        out["covid_sensitivity"] = _safe_div(tp, npos)
+        out["covid_sensitivity_ci"] = _wilson(tp, npos)
+        out["covid_vs_pneumonia_specificity"] = _safe_div(tn, nneg)
+        out["covid_vs_pneumonia_specificity_ci"] = _wilson(tn, nneg)
+    return out
+
+
 def to_json_ready(value: object) -> object:
     """Replace NaN/inf by None and numpy scalars by Python ones, recursively (strict JSON)."""
     if isinstance(value, dict):
@@ -341,6 +414,16 @@ def evaluate_model(
             seed=seed,
         )
     )
+    ages = np.array([r.extra.get("age_group", "") for r in kept])
+    if (ages == "adult").any():
+        result["adult"] = adult_metrics(
+            targets[ages == "adult"],
+            p[ages == "adult"],
+            labels,
+            predictor.facts.covid_threshold,
+            n_bootstrap=n_bootstrap,
+            seed=seed,
+        )
     result["n_rejected"] = len(rejected)
     result["rejected"] = rejected
 

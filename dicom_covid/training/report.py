@@ -289,6 +289,30 @@ def write_markdown(result: dict, path: str | Path, images: dict[str, str]) -> Pa
             "",
         ]
 
+    adult = result.get("adult")
+    if adult:
+        ci = adult.get("covid_vs_pneumonia_auc_ci") or [None, None]
+        se_ci = adult.get("covid_sensitivity_ci") or [None, None]
+        sp_ci = adult.get("covid_vs_pneumonia_specificity_ci") or [None, None]
+        counts = " / ".join(str(adult["class_counts"].get(lab, 0)) for lab in labels)
+        lines += [
+            "## Adults: COVID-19 against other pneumonia",
+            "",
+            "Adult images only (`age_group == adult`). Version 1 of the data could not ask this "
+            "question: its pneumonia class was pediatric.",
+            "",
+            "| n (covid / normal / pneumonia) | 3-class accuracy "
+            "| COVID-vs-pneumonia AUC (95 % CI) "
+            "| COVID sensitivity @thr (95 % CI) | specificity vs pneumonia @thr (95 % CI) |",
+            "|---|---|---|---|---|",
+            f"| {adult['n']} ({counts}) | {_fmt(adult['accuracy'])} | "
+            f"{_fmt(adult['covid_vs_pneumonia_auc'])} ({_fmt(ci[0])}–{_fmt(ci[1])}) | "
+            f"{_fmt(adult.get('covid_sensitivity'))} ({_fmt(se_ci[0])}–{_fmt(se_ci[1])}) | "
+            f"{_fmt(adult.get('covid_vs_pneumonia_specificity'))} "
+            f"({_fmt(sp_ci[0])}–{_fmt(sp_ci[1])}) |",
+            "",
+        ]
+
     lines += [
         "## Per class (argmax label)",
         "",
