@@ -70,6 +70,8 @@ _BITMAP_TO_RGB = frozenset({"P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBa"})
 #: Encapsulated transfer syntaxes whose decoders (libjpeg, CharLS) return an image from a
 #: truncated codestream without raising; their frames are checked for the end-of-image marker.
 _EOI_CHECKED = frozenset(JPEGTransferSyntaxes) | frozenset(JPEGLSTransferSyntaxes)
+#: Pixel data elements: integer, float and double float.
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,15 @@ def read_image(
         ds = pydicom.dcmread(io.BytesIO(data))
         problem = _truncation(ds)
     except InvalidDicomError as exc:
+        if _bare_data_set(data):
+            raise InputRejected(
+                "no_file_meta",
+                f"{name}: a bare DICOM data set without the file header: the 128-byte preamble, "
+                "'DICM' and the file meta information (group 0002, which names the Transfer "
+                "Syntax) are missing. Re-save it as a DICOM Part 10 file, e.g. with dcmtk "
+                "'dcmconv --write-file IN OUT' or pydicom's save_as(..., "
+                "enforce_file_format=True).",
+            ) from exc
         raise InputRejected(
             "not_dicom",
             f"{name}: not a DICOM file (no 'DICM' preamble) and not PNG/JPEG. "
@@ -194,6 +205,17 @@ def read_image(
             "Re-export or re-send the complete image.",
         )
     return read_dataset(ds, config=config, source=name)
+
+
+def _bare_data_set(data: bytes) -> bool:
+    """True when ``data`` parses as a DICOM data set naming its SOP Class and Instance (a file
+    written without preamble and file meta), rather than as random bytes."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+        uids = (str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", "")))
+    except Exception:
+        return False
+    return all(uid and all(c in "0123456789." for c in uid) for uid in uids)
 
 
 def _truncation(ds: Dataset) -> str | None:
@@ -217,7 +239,7 @@ def _truncation(ds: Dataset) -> str | None:
                 return f"element {elem.tag} holds {len(elem.value)} of its {elem.length} bytes"
     if len(ds) == 0:
         return "no data elements after the file meta information"
-    if "PixelData" not in ds:
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
         if "SOPClassUID" not in ds:  # type 1 in every IOD: the file stops before it
             return "the file ends before the SOP Class UID"
         meta = getattr(ds, "file_meta", None) or Dataset()
@@ -263,6 +285,8 @@ def read_dataset(
             "the image with a valid header.",
         ) from exc
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is None:
+        ts = _infer_transfer_syntax(ds, source)
     ts_name = ts.name if ts is not None else None
     _check_codestream_end(ds, ts, source)
     try:
@@ -380,6 +404,43 @@ def check_image_size(ds: Dataset, config: ReaderConfig | None = None, source: st
         )
 
 
+def _infer_transfer_syntax(ds: Dataset, source: str) -> UID:
+    """The transfer syntax of a data set whose file meta lacks it (tolerant reading).
+
+    Native Pixel Data is read in the encoding pydicom found the data set in, which is recorded
+    in the file meta. Encapsulated (compressed) Pixel Data cannot be decoded without knowing
+    the codec, so it is rejected with what to do.
+
+    Raises
+    ------
+    InputRejected
+        ``no_file_meta`` when the Pixel Data is encapsulated or the encoding is unknown.
+    """
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    encoding = getattr(ds, "original_encoding", (None, None))
+    elem = ds["PixelData"]
+    if elem.is_undefined_length or None in encoding:
+        raise InputRejected(
+            "no_file_meta",
+            f"{source}: the file meta information (group 0002) has no Transfer Syntax UID "
+            "(0002,0010), so the compression of the encapsulated Pixel Data is unknown. "
+            "Re-save the file as DICOM Part 10 with its transfer syntax, e.g. with dcmtk "
+            "'dcmconv --write-file IN OUT' from the original, or send it through the PACS.",
+        )
+    implicit, little = encoding
+    if little:
+        ts = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+    else:
+        ts = ExplicitVRBigEndian
+    if getattr(ds, "file_meta", None) is None:
+        ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    logger.info("%s: no Transfer Syntax UID in the file meta; read as %s", source, ts.name)
+    return ts
+
+
 def _decoder_missing(ts: UID | None) -> bool:
     """True when ``ts`` is compressed and no installed pydicom plugin can decode it."""
     if ts is None or not ts.is_compressed:
@@ -422,6 +483,15 @@ def _check_header(ds: Dataset, config: ReaderConfig, source: str) -> None:
             f"{getattr(ds.get('SOPClassUID'), 'name', 'unknown')}). Send the image itself, "
             "not a report or presentation state; if it is an image, the file is incomplete: "
             "re-send it.",
+        )
+    if "PixelData" not in ds:
+        which = "Float" if "FloatPixelData" in ds else "Double Float"
+        raise InputRejected(
+            "float_pixel_data",
+            f"{source}: the image stores {which} Pixel Data (7FE0,000"
+            f"{'8' if which == 'Float' else '9'}), as parametric maps do, not the integer Pixel "
+            "Data (7FE0,0010) of a radiograph. Send the original radiograph from the CR/DX "
+            "modality.",
         )
     modality = str(ds.get("Modality", "")).upper()
     if modality not in config.allowed_modalities:

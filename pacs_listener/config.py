@@ -40,8 +40,15 @@ A TOML file mirrors the objects (every key optional)::
     max_delay = 600.0
     max_tries = 10
 
+    [abstention]                              # when the model gives no verdict ("indeterminate")
+    enabled = true                            # false: every image gets a verdict
+    uncertainty_margin = 0.05                 # default: the model's own (chosen on val)
+    checks = ["blank_image", "no_lung_fields", "out_of_distribution", "uncertain"]
+
     [worker]
     max_job_attempts = 3
+    disk_retry_base = 5.0                     # waiting for disk space: first delay ...
+    disk_retry_max = 120.0                    # ... doubling up to this
 """
 
 from __future__ import annotations
@@ -396,6 +403,19 @@ class WorkerConfig:
         Seconds between looks for grouped jobs when idle (default 0.5).
     max_job_attempts : int
         A job whose processing crashed the worker this many times is failed (default 3).
+    min_free_bytes : int or None
+        Free space the results folder must keep for the worker to write an SR and SC (default
+        None: a quarter of the receiving floor ``ScpConfig.min_free_bytes``, so results of
+        acknowledged images, whose space the receiving floor reserved, can always be written).
+    disk_retry_base, disk_retry_max : float
+        A job that cannot write its results for lack of disk space waits ``disk_retry_base``
+        seconds (default 5), doubling on each further wait up to ``disk_retry_max`` (default
+        120), then tries again by itself; it is never failed for it.
+    abstention : dict
+        The site's overrides of the model's abstention policy (TOML section ``[abstention]``;
+        keys of :class:`dicom_covid.abstention.AbstentionPolicy`: ``enabled``,
+        ``uncertainty_margin``, ``ood_threshold``, ``lung_fraction``, ``min_pixel_std``,
+        ``max_mode_fraction``, ``checks``). Empty: the model's own policy.
     """
 
     bundle: Path | None = None
@@ -404,6 +424,22 @@ class WorkerConfig:
     explain: bool = True
     poll_interval: float = 0.5
     max_job_attempts: int = 3
+    min_free_bytes: int | None = None
+    disk_retry_base: float = 5.0
+    disk_retry_max: float = 120.0
+    abstention: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from dicom_covid.abstention import AbstentionPolicy
+
+        try:
+            AbstentionPolicy.from_facts({}, self.abstention)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"[abstention]: {exc}") from exc
+        if self.min_free_bytes is not None and self.min_free_bytes < 0:
+            raise ConfigError("worker min_free_bytes must not be negative.")
+        if not 0 < self.disk_retry_base <= self.disk_retry_max:
+            raise ConfigError("disk_retry_base must be positive and at most disk_retry_max.")
 
 
 @dataclass(frozen=True)
@@ -461,6 +497,13 @@ class ServiceConfig:
     def results_dir(self) -> Path:
         """Results waiting for delivery."""
         return Path(self.state_dir) / "results"
+
+    @property
+    def results_min_free_bytes(self) -> int:
+        """Free space the worker keeps when writing results (see ``WorkerConfig``)."""
+        if self.worker.min_free_bytes is not None:
+            return self.worker.min_free_bytes
+        return self.scp.min_free_bytes // 4
 
     def sender(self) -> SenderConfig:
         """The :class:`SenderConfig` implied by this configuration."""
@@ -542,6 +585,8 @@ class ServiceConfig:
         scp_data = dict(data.pop("scp", {}) or {})
         retry_data = data.pop("retry", None)
         worker_data = dict(data.pop("worker", {}) or {})
+        if "abstention" in data:
+            worker_data["abstention"] = dict(data.pop("abstention") or {})
         top: dict[str, Any] = {}
         for key in ("model", "bundle", "device", "explain"):
             if key in data:

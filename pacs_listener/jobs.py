@@ -12,13 +12,16 @@ Instances (one row per SOP Instance UID ever received)::
 Jobs (one per study and quiet period)::
 
     grouped ──► running ──► results_written ──► delivered
-                   │               └──────────► dead   (``dicom-covid retry`` → results_written)
-                   └► failed (no image of the job gave results)
+                 ▲  │ │             └──────────► dead   (``dicom-covid retry`` → results_written)
+                 │  │ └► failed (no image of the job gave results)
+                 │  ▼
+      waiting_for_disk  (results cannot be written for lack of disk space: claimed again after an
+                         exponential backoff, by itself, never failed for it)
 
 Results (one SR and one SC per analysed image, enforced by a unique key) each have one delivery
 row per target (``AE@host:port`` or ``dir:<path>``), ``pending`` → ``delivered`` or ``dead``.
-A delivery is marked delivered right after the destination confirmed it, so a restart does not
-send it again.
+A delivery is marked delivered right after the destination confirmed it, so a restart sends
+again at most the result that was in flight — at least once, with the same SOP Instance UID.
 
 The database file is created with mode 0600 (SQLite gives its ``-wal``/``-shm`` files the same
 mode). Each thread gets its own connection; the worker process opens its own store.
@@ -63,9 +66,25 @@ INSTANCE_STATES = (
     "dead",
 )
 #: Job states.
-JOB_STATES = ("grouped", "running", "results_written", "delivered", "failed", "dead")
+JOB_STATES = (
+    "grouped",
+    "running",
+    "waiting_for_disk",
+    "results_written",
+    "delivered",
+    "failed",
+    "dead",
+)
+#: Instance states whose results are still to be written (their disk space is reserved).
+_RESULTS_TO_WRITE = ("received", "grouped", "inferred")
 
-_SCHEMA_VERSION = "1"
+_SCHEMA_VERSION = "2"
+#: Columns added after schema version 1: (table, column, definition).
+_MIGRATIONS = (
+    ("jobs", "not_before", "REAL"),
+    ("jobs", "disk_waits", "INTEGER NOT NULL DEFAULT 0"),
+    ("instances", "reserve_bytes", "INTEGER NOT NULL DEFAULT 0"),
+)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -79,7 +98,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL,
-    delivered_at REAL
+    delivered_at REAL,
+    not_before REAL,
+    disk_waits INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
 CREATE TABLE IF NOT EXISTS instances (
@@ -93,6 +114,7 @@ CREATE TABLE IF NOT EXISTS instances (
     reason TEXT,
     job_id INTEGER REFERENCES jobs (id),
     duplicates INTEGER NOT NULL DEFAULT 0,
+    reserve_bytes INTEGER NOT NULL DEFAULT 0,
     received_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -158,6 +180,7 @@ class Instance:
     path: Path | None
     reason: str | None
     job_id: int | None
+    reserve_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -219,7 +242,12 @@ class JobStore:
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
         if create:
-            self._con().executescript(_SCHEMA)  # idempotent (IF NOT EXISTS)
+            con = self._con()
+            con.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS)
+            for table, column, definition in _MIGRATIONS:  # a version-1 store gains them
+                have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
             self._set_meta("schema_version", _SCHEMA_VERSION)
 
     # -- connections -------------------------------------------------------------------------
@@ -326,9 +354,14 @@ class JobStore:
         state: str = "received",
         path: Path | None = None,
         reason: str | None = None,
+        reserve_bytes: int = 0,
         now: float | None = None,
     ) -> bool:
-        """Record a received instance; False when the SOP Instance UID was already known."""
+        """Record a received instance; False when the SOP Instance UID was already known.
+
+        ``reserve_bytes`` is the disk space its results will need (see
+        :meth:`pending_result_bytes`).
+        """
         if state not in ("received", "skipped", "failed"):
             raise ValueError(f"an instance cannot be added in state {state!r}")
         now = time.time() if now is None else now
@@ -336,7 +369,7 @@ class JobStore:
             cur = con.execute(
                 "INSERT OR IGNORE INTO instances (sop_instance_uid, study_instance_uid, "
                 "series_instance_uid, sop_class_uid, calling_ae, path, state, reason, "
-                "received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "reserve_bytes, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     sop_instance_uid,
                     study_instance_uid,
@@ -346,11 +379,25 @@ class JobStore:
                     self._rel(path),
                     state,
                     reason,
+                    int(reserve_bytes),
                     now,
                     now,
                 ),
             )
         return cur.rowcount == 1
+
+    def pending_result_bytes(self) -> int:
+        """Disk space still needed by the results of acknowledged images not yet written."""
+        row = (
+            self._con()
+            .execute(
+                "SELECT COALESCE(SUM(reserve_bytes), 0) FROM instances WHERE state IN "
+                f"({','.join('?' * len(_RESULTS_TO_WRITE))})",
+                _RESULTS_TO_WRITE,
+            )
+            .fetchone()
+        )
+        return int(row[0])
 
     def instance(self, sop_instance_uid: str) -> Instance | None:
         """The stored record of one instance."""
@@ -371,6 +418,7 @@ class JobStore:
             path=self._abs(row["path"]),
             reason=row["reason"],
             job_id=row["job_id"],
+            reserve_bytes=int(row["reserve_bytes"] or 0),
         )
 
     # -- grouping ----------------------------------------------------------------------------
@@ -390,6 +438,7 @@ class JobStore:
         now = time.time() if now is None else now
         cutoff = now - quiet_period
         jobs: list[Job] = []
+        sizes: list[int] = []
         query = (
             "SELECT p.study_instance_uid FROM (SELECT DISTINCT study_instance_uid "
             "FROM instances WHERE state = 'received' AND job_id IS NULL) p "
@@ -413,7 +462,11 @@ class JobStore:
                     (job_id, now, study),
                 ).rowcount
                 jobs.append(Job(job_id, study, "grouped"))
-                logger.info("job %d: study %s grouped with %d image(s)", job_id, study, n)
+                sizes.append(n)
+        for job, n in zip(jobs, sizes, strict=True):  # logged once committed
+            logger.info(
+                "job %d: study %s grouped with %d image(s)", job.id, job.study_instance_uid, n
+            )
         return jobs
 
     # -- worker ------------------------------------------------------------------------------
@@ -421,14 +474,17 @@ class JobStore:
     def claim_job(self, worker: str, max_attempts: int = 3, now: float | None = None) -> Job | None:
         """Claim the oldest grouped job for ``worker`` (state ``running``), or None.
 
-        A job already claimed ``max_attempts`` times (the worker died on it each time) is failed
+        A job waiting for disk space is claimed again once its ``not_before`` time has come. A
+        job already claimed ``max_attempts`` times (the worker died on it each time) is failed
         instead of being handed out again.
         """
         now = time.time() if now is None else now
         with self._tx() as con:
             while True:
                 row = con.execute(
-                    "SELECT * FROM jobs WHERE state = 'grouped' ORDER BY id LIMIT 1"
+                    "SELECT * FROM jobs WHERE state = 'grouped' OR (state = 'waiting_for_disk' "
+                    "AND COALESCE(not_before, 0) <= ?) ORDER BY id LIMIT 1",
+                    (now,),
                 ).fetchone()
                 if row is None:
                     return None
@@ -446,6 +502,39 @@ class JobStore:
                     (worker, now, now, row["id"]),
                 )
                 return Job(row["id"], row["study_instance_uid"], "running", row["attempts"] + 1)
+
+    def wait_for_disk(
+        self,
+        job_id: int,
+        reason: str,
+        base_delay: float,
+        max_delay: float,
+        now: float | None = None,
+    ) -> float:
+        """Put a running job aside until disk space may be back; return the delay in seconds.
+
+        The job goes to ``waiting_for_disk`` with ``not_before = now + delay``, where the delay
+        doubles with each wait (``min(max_delay, base_delay * 2 ** waits)``); images it had not
+        finished go back to ``grouped``. The claim is not counted as an attempt: running out of
+        disk says nothing about the job, so it is never failed for it.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            row = con.execute("SELECT disk_waits FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            waits = int(row["disk_waits"] or 0) if row else 0
+            delay = min(max_delay, base_delay * 2.0**waits)
+            con.execute(
+                "UPDATE jobs SET state = 'waiting_for_disk', reason = ?, not_before = ?, "
+                "disk_waits = disk_waits + 1, attempts = MAX(attempts - 1, 0), claimed_by = NULL, "
+                "updated_at = ? WHERE id = ?",
+                (reason[:500], now + delay, now, job_id),
+            )
+            con.execute(
+                "UPDATE instances SET state = 'grouped', updated_at = ? "
+                "WHERE job_id = ? AND state = 'inferred'",
+                (now, job_id),
+            )
+        return delay
 
     def _fail_job(self, con: sqlite3.Connection, job_id: int, reason: str, now: float) -> None:
         con.execute(
@@ -592,7 +681,7 @@ class JobStore:
                 return "failed"
             con.execute(
                 "UPDATE jobs SET state = 'results_written', finished_at = ?, updated_at = ?, "
-                "reason = NULL WHERE id = ?",
+                "reason = NULL, not_before = NULL WHERE id = ?",
                 (now, now, job_id),
             )
             return self._refresh_job(con, job_id, now)
@@ -709,10 +798,24 @@ class JobStore:
             self._refresh_job(con, row["job_id"], now)
         return state
 
+    def delivery_postponed(
+        self, result_id: int, target: str, error: str, delay: float, now: float | None = None
+    ) -> None:
+        """Try a delivery again after ``delay`` seconds without counting a try (the output
+        folder's disk is full: that says nothing about the result, so it is never
+        dead-lettered for it)."""
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            con.execute(
+                "UPDATE deliveries SET last_error = ?, next_attempt_at = ? "
+                "WHERE result_id = ? AND target = ? AND state = 'pending'",
+                (error[:500], now + delay, result_id, target),
+            )
+
     def _refresh_job(self, con: sqlite3.Connection, job_id: int, now: float) -> str:
         """Derive a finished job's state from its deliveries."""
         job = con.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if job is None or job["state"] in ("grouped", "running", "failed"):
+        if job is None or job["state"] in ("grouped", "running", "waiting_for_disk", "failed"):
             return job["state"] if job else "unknown"
         counts = dict(
             con.execute(
@@ -858,6 +961,10 @@ class JobStore:
             "WHERE d.state = 'pending'"
         ).fetchone()[0]
         duplicates = con.execute("SELECT COALESCE(SUM(duplicates), 0) FROM instances").fetchone()[0]
+        disk = con.execute(
+            "SELECT COUNT(*), MIN(not_before), MAX(disk_waits) FROM jobs "
+            "WHERE state = 'waiting_for_disk'"
+        ).fetchone()
         skipped = dict(
             con.execute(
                 "SELECT reason, COUNT(*) FROM instances WHERE state = 'skipped' GROUP BY reason"
@@ -873,6 +980,10 @@ class JobStore:
             "backlog": {
                 "instances_waiting_for_quiet_period": instances["received"],
                 "jobs_waiting_for_worker": jobs["grouped"] + jobs["running"],
+                "jobs_waiting_for_disk": int(disk[0]),
+                "next_disk_retry_in_s": round(max(0.0, disk[1] - now), 1) if disk[0] else None,
+                "disk_waits": int(disk[2] or 0),
+                "result_bytes_reserved": self.pending_result_bytes(),
                 "deliveries_pending": deliveries["pending"],
                 "oldest_pending_delivery_age_s": round(now - oldest, 1) if oldest else None,
             },

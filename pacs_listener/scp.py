@@ -7,7 +7,8 @@ and answers. Status codes:
 
 ========  ===========================================================================
 0x0000    stored (or acknowledged: duplicate, skipped object, our own result)
-0xA700    out of resources: free disk below ``min_free_bytes``, or spool/store not writable
+0xA700    out of resources: free disk, less the space reserved for the results of images not yet
+          analysed, below ``min_free_bytes``; or spool/store not writable
 0xA701    out of resources, permanently: a candidate image larger than ``maximum_image_pixels``
           or ``maximum_image_bytes`` (``too_large``, judged from the header, nothing decoded)
 0xA900    data set does not match the SOP class / instance of the C-STORE request
@@ -62,7 +63,7 @@ from .config import ScpConfig, TlsConfig
 from .guard import ConnectionGuard, GuardedAssociationServer, GuardLimits
 from .jobs import JobStore
 from .spool import Spool, free_bytes
-from .triage import Verdict, incomplete, too_large, triage
+from .triage import Verdict, incomplete, result_reserve, too_large, triage
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
@@ -368,23 +369,34 @@ class StorageSCP:
             stats.refused += 1
         return status
 
+    def _free_space(self) -> tuple[int, int]:
+        """``(free bytes of the spool's file system, bytes reserved for results to write)``."""
+        try:
+            free = free_bytes(self.spool.root)
+        except OSError:
+            free = 0
+        try:
+            reserved = self.store.pending_result_bytes()
+        except sqlite3.Error:
+            reserved = 0
+        return free, reserved
+
     def _store(self, event: evt.Event, stats: _AssocStats) -> int:
         req = event.request
         rq_sop = str(req.AffectedSOPInstanceUID or "").strip()
         rq_class = str(req.AffectedSOPClassUID or "").strip()
         floor = self.config.min_free_bytes
-        try:
-            free = free_bytes(self.spool.root)
-        except OSError:
-            free = 0
-        if free < floor:
+        free, reserved = self._free_space()
+        if free - reserved < floor:
             logger.error(
-                "association %d: instance %s refused (0xA700): %d MiB free in %s, below the "
-                "floor of %d MiB; free disk space or lower min_free_bytes",
+                "association %d: instance %s refused (0xA700): %d MiB free in %s, of which %d MiB "
+                "are reserved for results still to be written; below the floor of %d MiB. Free "
+                "disk space or lower min_free_bytes",
                 stats.number,
                 rq_sop,
                 free // 2**20,
                 self.spool.root,
+                reserved // 2**20,
                 floor // 2**20,
             )
             return STATUS_OUT_OF_RESOURCES
@@ -512,6 +524,23 @@ class StorageSCP:
             )
             return STATUS_SUCCESS
 
+        reserve = result_reserve(ds)
+        free, reserved = self._free_space()
+        if free - reserved - len(data) - reserve < self.config.min_free_bytes:
+            logger.error(
+                "association %d: instance %s refused (0xA700): %d MiB free in %s; keeping it "
+                "(%d MiB) and its results (%d MiB) next to the %d MiB reserved for earlier results "
+                "would go below the floor of %d MiB. Free disk space or lower min_free_bytes",
+                stats.number,
+                sop,
+                free // 2**20,
+                self.spool.root,
+                len(data) // 2**20,
+                reserve // 2**20,
+                reserved // 2**20,
+                self.config.min_free_bytes // 2**20,
+            )
+            return STATUS_OUT_OF_RESOURCES
         try:
             path = self.spool.write(study, sop, data)
         except OSError as exc:
@@ -531,6 +560,7 @@ class StorageSCP:
                 calling_ae=calling,
                 state="received",
                 path=path,
+                reserve_bytes=reserve,
             )
         except Exception as exc:
             self.spool.remove(path)

@@ -25,7 +25,7 @@ from dicom_covid.errors import DeliveryError
 
 from .config import Destination, SenderConfig, TlsConfig
 from .jobs import Delivery, JobStore
-from .spool import atomic_copy, safe_name
+from .spool import atomic_copy, is_disk_full, safe_name
 
 __all__ = ["Sender", "client_ssl_context", "send_files"]
 
@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 #: C-STORE statuses that mean the destination has the instance (success and warnings).
 _OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+_DISK_FULL = "disk full:"
 
 
 def client_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -208,12 +211,26 @@ class Sender:
         self._threads.clear()
 
     def _loop(self, target: str) -> None:
+        failures = 0
         while not self._stop.is_set():
             try:
                 n = self.deliver_due(target)
-            except Exception:
-                logger.exception("delivery to %s: unexpected error", target)
-                n = 0
+                failures = 0
+            except Exception as exc:
+                # e.g. the job store cannot be written on a full disk: back off up to 30 s
+                failures += 1
+                pause = min(30.0, self.config.poll_interval * 2.0**failures)
+                logger.error(
+                    "delivery to %s: unexpected error (%s: %s); trying again in %.1f s",
+                    target,
+                    type(exc).__name__,
+                    exc,
+                    pause,
+                    exc_info=failures == 1,
+                )
+                self._wake[target].wait(pause)
+                self._wake[target].clear()
+                continue
             if n:
                 continue
             due = self.store.next_due([target])
@@ -238,7 +255,22 @@ class Sender:
 
         if target.startswith("dir:"):
             for i, d in enumerate(due):
-                settle(i, self._copy(d, Path(target[4:])))
+                error = self._copy(d, Path(target[4:]))
+                if error is not None and error.startswith(_DISK_FULL):
+                    delay = self.config.retry.delay(d.tries + 1)
+                    self.store.delivery_postponed(d.result_id, target, error, delay)
+                    logger.warning(
+                        "job %d: %s %s not written to %s (%s); trying again in %.0f s, "
+                        "not counted as a failed try",
+                        d.job_id,
+                        d.kind.upper(),
+                        d.sop_instance_uid,
+                        target,
+                        error,
+                        delay,
+                    )
+                    continue
+                settle(i, error)
         else:
             dest = self._destinations[target]
             # each confirmation is committed as soon as it arrives (not after the batch), so a
@@ -301,7 +333,8 @@ class Sender:
                 folder / safe_name(d.study_instance_uid) / f"{safe_name(d.sop_instance_uid)}.dcm",
             )
         except OSError as exc:
-            return f"cannot write to {folder}: {exc.strerror or exc}"
+            prefix = _DISK_FULL if is_disk_full(exc) else "cannot write to"
+            return f"{prefix} {folder}: {exc.strerror or exc}"
         return None
 
     def _job_delivered(self, job_id: int) -> None:

@@ -277,11 +277,26 @@ class Service:
     def _group_loop(self) -> None:
         quiet = self.config.quiet_period
         interval = max(0.05, min(0.5, quiet / 4))
-        while not self._stop.wait(interval):
+        wait, failures = interval, 0
+        while not self._stop.wait(wait):
             try:
                 self.store.group_stable_studies(quiet)
-            except Exception:
-                logger.exception("grouping studies failed; retrying")
+            except Exception as exc:
+                # e.g. the disk is full: back off (up to 30 s) instead of failing every interval,
+                # with the traceback only the first time
+                failures += 1
+                wait = min(30.0, interval * 2.0**failures)
+                logger.error(
+                    "grouping studies failed (%s: %s); retrying in %.1f s",
+                    type(exc).__name__,
+                    exc,
+                    wait,
+                    exc_info=failures == 1,
+                )
+            else:
+                if failures:
+                    logger.info("grouping studies works again after %d failed tries", failures)
+                wait, failures = interval, 0
 
     def _monitor_loop(self) -> None:
         while not self._stop.is_set():

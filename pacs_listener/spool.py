@@ -9,14 +9,26 @@ A crash leaves either the old state or the complete new file, never half a DICOM
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import re
 import shutil
+import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["Spool", "atomic_copy", "atomic_write", "ensure_private_dir", "free_bytes", "safe_name"]
+__all__ = [
+    "Spool",
+    "atomic_copy",
+    "atomic_write",
+    "ensure_private_dir",
+    "free_bytes",
+    "is_disk_full",
+    "safe_name",
+    "write_fault",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +69,44 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: Fault injection for tests: called with the target path before every :func:`atomic_write`
+#: writes; it may raise the ``OSError`` a full disk raises (see :func:`write_fault`).
+_write_fault: Callable[[Path], None] | None = None
+
+
+@contextlib.contextmanager
+def write_fault(fault: Callable[[Path], None]) -> Iterator[None]:
+    """Within the block, call ``fault(path)`` at every :func:`atomic_write`, before it writes.
+
+    For tests of what a full disk does (this process only)::
+
+        def full(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        with write_fault(full):
+            ...
+    """
+    global _write_fault
+    saved, _write_fault = _write_fault, fault
+    try:
+        yield
+    finally:
+        _write_fault = saved
+
+
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` means the disk (or the user's quota) is full: ``ENOSPC``/``EDQUOT``,
+    or SQLite's "database or disk is full"."""
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL_ERRNOS
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == 13 or "disk is full" in str(exc)
+    return False
+
+
 def atomic_write(path: Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (tmp file, fsync, rename) with mode 0600.
 
@@ -65,6 +115,8 @@ def atomic_write(path: Path, data: bytes) -> Path:
     OSError
         When the file cannot be written (disk full, permissions); no partial file is left.
     """
+    if _write_fault is not None:
+        _write_fault(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

@@ -23,6 +23,7 @@ __all__ = [
     "Verdict",
     "incomplete",
     "is_own_result",
+    "result_reserve",
     "too_large",
     "triage",
 ]
@@ -112,6 +113,19 @@ def too_large(ds: Dataset, maximum_pixels: int, maximum_bytes: int) -> str | Non
         f"{decoded / 2**20:.0f} MiB decoded; limits {maximum_pixels / 2**20:.0f} Mi pixels, "
         f"{maximum_bytes / 2**20:.0f} MiB"
     )
+
+
+def result_reserve(ds: Dataset) -> int:
+    """Disk space to reserve for the results of a candidate image, in bytes.
+
+    The Secondary Capture is an RGB image at most at the source's resolution (3 bytes a pixel);
+    1 MiB covers the SR and both headers.
+    """
+    try:
+        pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+    except (TypeError, ValueError):
+        pixels = 0
+    return 3 * max(0, pixels) + 2**20
 
 
 def is_own_result(ds: Dataset, marker: str = OWN_MARKER) -> bool:

@@ -10,6 +10,11 @@ image, enforced by the store) with a pending delivery per target. An image that 
 analysed is marked failed with its reason (``InputRejected.reason`` and message) and the job goes
 on; the listener is never blocked because it runs in another process.
 
+Results are written only while the results folder keeps ``results_min_free_bytes`` free after
+them. When it does not, or a write fails because the disk is full (``ENOSPC``, ``EDQUOT``,
+SQLite's "disk is full"), the job is put aside as ``waiting_for_disk`` and claimed again after
+an exponential backoff, by itself: acknowledged images are never failed for lack of space.
+
 Importing this module does not import torch; :class:`JobProcessor` does, when built.
 """
 
@@ -20,8 +25,9 @@ import logging
 import logging.handlers
 import os
 import signal
+import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,8 @@ from dicom_covid.reader import check_image_size
 
 from .config import ServiceConfig
 from .jobs import Instance, Job, JobStore, ResultFile
-from .spool import atomic_write, ensure_private_dir, safe_name
+from .logguard import keep_template
+from .spool import atomic_write, ensure_private_dir, free_bytes, is_disk_full, safe_name
 
 __all__ = ["JobProcessor", "load_analysis", "worker_main"]
 
@@ -76,9 +83,16 @@ def scrub(text: str, ds: pydicom.Dataset | None) -> str:
 
 
 def load_analysis(
-    bundle: Path | None, model: str | None, device: str = "cpu", explain: bool = True
+    bundle: Path | None,
+    model: str | None,
+    device: str = "cpu",
+    explain: bool = True,
+    abstention: Mapping[str, Any] | None = None,
 ) -> Callable[[pydicom.Dataset], Any]:
     """Load the model once and return ``analyse(dataset) -> ResultSet``.
+
+    ``abstention`` holds the site's overrides of the model's abstention policy (see
+    :class:`dicom_covid.abstention.AbstentionPolicy`).
 
     Raises
     ------
@@ -88,7 +102,7 @@ def load_analysis(
     from dicom_covid.inference import Predictor
     from dicom_covid.results import analyse
 
-    predictor = Predictor(bundle, model, device=device)
+    predictor = Predictor(bundle, model, device=device, abstention=abstention)
     explainer = None
     if explain:
         from dicom_covid.explain import Explainer
@@ -101,6 +115,76 @@ def load_analysis(
     run.model_name = predictor.facts.name  # type: ignore[attr-defined]
     run.bundle_version = predictor.bundle.version  # type: ignore[attr-defined]
     return run
+
+
+#: Space assumed for an image's results when its record has no estimate (1 MiB SR + SC margin).
+_MIN_RESERVE = 2**20
+
+
+class NoDiskSpace(Exception):
+    """Results cannot be written now for lack of disk space (the job waits, it does not fail)."""
+
+
+#: Character set that unknown Specific Character Set terms fall back to: ISO 8859-1 decodes
+#: every byte, so no value is lost (only letters outside ASCII may show wrongly).
+FALLBACK_CHARSET = "ISO_IR 100"
+
+
+def safe_charset(ds: pydicom.Dataset) -> str | None:
+    """Replace a Specific Character Set that pydicom does not know by :data:`FALLBACK_CHARSET`.
+
+    Must run before text values are read (pydicom decodes them on first access).
+
+    Returns
+    -------
+    str or None
+        The note for the SR when the character set was replaced, else None.
+    """
+    from pydicom.charset import python_encoding
+
+    try:
+        value = ds.get("SpecificCharacterSet")
+    except Exception:
+        value = None
+    if value is None:
+        return None
+    terms = [
+        str(t).strip()
+        for t in (
+            value if isinstance(value, list | tuple | pydicom.multival.MultiValue) else [value]
+        )
+    ]
+    unknown = [t for t in terms if t and t not in python_encoding]
+    if not unknown:
+        return None
+    ds.SpecificCharacterSet = FALLBACK_CHARSET
+    given = "\\".join(terms)
+    return (
+        f"The source image's Specific Character Set '{given}' is not a known "
+        f"DICOM character set ({', '.join(unknown)}); its text was read as ISO 8859-1 "
+        f"(Latin-1, {FALLBACK_CHARSET}) and is written so: letters outside ASCII in names "
+        "may differ from the source."
+    )
+
+
+def add_note(sr: pydicom.Dataset, note: str) -> None:
+    """Append a TEXT "Comment" to the SR's Qualitative Evaluations (TID 1500), next to the
+    research-use disclaimer."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    item = hd.sr.TextContentItem(
+        name=hd.sr.CodedConcept.from_code(codes.DCM.Comment),
+        value=note[:1024],
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    for container in sr.ContentSequence:
+        if container.ValueType == "CONTAINER" and any(
+            child.ValueType == "TEXT" for child in container.get("ContentSequence", [])
+        ):
+            container.ContentSequence.append(item)
+            return
+    sr.ContentSequence.append(item)
 
 
 def _encode(ds: pydicom.Dataset) -> bytes:
@@ -125,6 +209,10 @@ class JobProcessor:
     limits : ReaderConfig, optional
         ``max_pixels`` and ``max_decoded_bytes`` checked from the header before an image is
         decoded (default: the reader's defaults); a larger image fails as ``too_large``.
+    min_free_bytes : int
+        Free space the results folder must keep after an image's results (default 0).
+    disk_retry : tuple of float
+        ``(base, max)`` seconds of the backoff of a job waiting for disk space.
     """
 
     def __init__(
@@ -134,12 +222,16 @@ class JobProcessor:
         targets: Sequence[str],
         analyse: Callable[[pydicom.Dataset], Any],
         limits: ReaderConfig | None = None,
+        min_free_bytes: int = 0,
+        disk_retry: tuple[float, float] = (5.0, 120.0),
     ) -> None:
         self.store = store
         self.results_dir = ensure_private_dir(Path(results_dir))
         self.targets = tuple(targets)
         self.analyse = analyse
         self.limits = limits or ReaderConfig()
+        self.min_free_bytes = min_free_bytes
+        self.disk_retry = disk_retry
 
     def process(self, job: Job) -> str:
         """Analyse every grouped image of ``job``; return the job's new state."""
@@ -153,11 +245,14 @@ class JobProcessor:
             len(todo),
         )
         ok = failed = 0
-        for inst in todo:
-            if self._process_image(job, inst):
-                ok += 1
-            else:
-                failed += 1
+        try:
+            for inst in todo:
+                if self._process_image(job, inst):
+                    ok += 1
+                else:
+                    failed += 1
+        except NoDiskSpace as exc:
+            return self.wait_for_disk(job, str(exc), ok)
         state = self.store.finish_job(job.id)
         reason = self.store.job(job.id).reason if state == "failed" else None
         logger.info(
@@ -172,6 +267,32 @@ class JobProcessor:
         )
         return state
 
+    def wait_for_disk(self, job: Job, reason: str, done: int = 0) -> str:
+        """Put ``job`` aside until disk space may be back; return ``"waiting_for_disk"``."""
+        delay = self.store.wait_for_disk(job.id, f"waiting_for_disk: {reason}", *self.disk_retry)
+        logger.warning(
+            "job %d: study %s waits for disk space (%s); %d image(s) written so far; it "
+            "resumes by itself in %.0f s",
+            job.id,
+            job.study_instance_uid,
+            reason,
+            done,
+            delay,
+        )
+        return "waiting_for_disk"
+
+    def _check_space(self, inst: Instance) -> None:
+        need = max(inst.reserve_bytes, _MIN_RESERVE)
+        try:
+            free = free_bytes(self.results_dir)
+        except OSError:
+            free = 0
+        if free - need < self.min_free_bytes:
+            raise NoDiskSpace(
+                f"{free // 2**20} MiB free in {self.results_dir}; the results need about "
+                f"{need // 2**20 or 1} MiB above the floor of {self.min_free_bytes // 2**20} MiB"
+            )
+
     def _process_image(self, job: Job, inst: Instance) -> bool:
         t0 = time.monotonic()
         sop = inst.sop_instance_uid
@@ -179,9 +300,14 @@ class JobProcessor:
         try:
             if inst.path is None or not inst.path.is_file():
                 raise FileNotFoundError(f"spooled file of {sop} is missing")
+            self._check_space(inst)
             ds = pydicom.dcmread(inst.path)
             check_image_size(ds, self.limits, sop)  # before anything is decoded
+            note = safe_charset(ds)
             result = self.analyse(ds)
+            if note:
+                add_note(result.sr, note)
+                logger.warning("job %d: image %s: %s Noted in the SR.", job.id, sop, note)
             self.store.set_instance_state(sop, "inferred")
             files = []
             folder = ensure_private_dir(self.results_dir / str(job.id) / safe_name(sop))
@@ -192,12 +318,23 @@ class JobProcessor:
                     ResultFile(kind, str(obj.SOPInstanceUID), str(obj.StudyInstanceUID), path)
                 )
             self.store.record_results(job.id, sop, files, self.targets)
+        except NoDiskSpace:
+            raise
         except InputRejected as exc:
             return self._fail(job, sop, f"{exc.reason}: {scrub(exc.message, ds)}")
         except ResultEncodingError as exc:
             return self._fail(job, sop, f"result_encoding: {scrub(str(exc), ds)}")
         except FileNotFoundError as exc:
             return self._fail(job, sop, f"spool_missing: {exc}")
+        except (OSError, sqlite3.Error) as exc:
+            if is_disk_full(exc):
+                raise NoDiskSpace(
+                    f"writing the results of image {sop} failed: {type(exc).__name__}: "
+                    f"{getattr(exc, 'strerror', None) or exc}"
+                ) from exc
+            message = scrub(f"{type(exc).__name__}: {exc}", ds)
+            logger.error("job %d: image %s: unexpected error: %s", job.id, sop, message)
+            return self._fail(job, sop, f"internal_error: {message}")
         except DicomCovidError as exc:
             return self._fail(job, sop, f"{type(exc).__name__}: {scrub(str(exc), ds)}")
         except Exception as exc:
@@ -230,7 +367,9 @@ def _child_logging(log_queue: Any, level: int) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     if log_queue is not None:
-        root.addHandler(logging.handlers.QueueHandler(log_queue))
+        handler = logging.handlers.QueueHandler(log_queue)
+        handler.addFilter(keep_template)  # rate limiting in the service sees the template
+        root.addHandler(handler)
     root.setLevel(level)
 
 
@@ -266,7 +405,7 @@ def worker_main(
     wc = config.worker
     try:
         t0 = time.monotonic()
-        analyse = load_analysis(wc.bundle, wc.model, wc.device, wc.explain)
+        analyse = load_analysis(wc.bundle, wc.model, wc.device, wc.explain, wc.abstention)
     except DicomCovidError as exc:
         logger.error("%s: the model cannot be loaded: %s", name, exc)
         status_queue.put(("error", str(exc)))
@@ -288,18 +427,46 @@ def worker_main(
         max_pixels=config.scp.maximum_image_pixels,
         max_decoded_bytes=config.scp.maximum_image_bytes,
     )
-    processor = JobProcessor(store, config.results_dir, config.sender().targets(), analyse, limits)
+    processor = JobProcessor(
+        store,
+        config.results_dir,
+        config.sender().targets(),
+        analyse,
+        limits,
+        min_free_bytes=config.results_min_free_bytes,
+        disk_retry=(wc.disk_retry_base, wc.disk_retry_max),
+    )
+    unsettled: Job | None = None  # a job whose state could not be recorded (disk full)
+    pause = 0.0
     try:
         while not stop_event.is_set():
+            job = None
             try:
+                if unsettled is not None:
+                    processor.wait_for_disk(unsettled, "the job store could not be written")
+                    unsettled = None
                 job = store.claim_job(name, wc.max_job_attempts)
-            except Exception:
-                logger.exception("%s: cannot claim a job", name)
-                job = None
-            if job is None:
-                stop_event.wait(wc.poll_interval)
-                continue
-            processor.process(job)
+                if job is None:
+                    stop_event.wait(wc.poll_interval)
+                    continue
+                processor.process(job)
+                pause = 0.0
+            except (OSError, sqlite3.Error) as exc:
+                if not is_disk_full(exc):
+                    raise  # a real fault: the service restarts the worker and counts it
+                # the job store itself cannot be written: back off instead of retrying every
+                # poll interval, and put the job aside as soon as that can be recorded
+                unsettled = unsettled or job
+                pause = min(60.0, max(1.0, pause * 2))
+                logger.error(
+                    "%s: the disk is full, the job store cannot be written (%s: %s); "
+                    "trying again in %.0f s",
+                    name,
+                    type(exc).__name__,
+                    exc,
+                    pause,
+                )
+                stop_event.wait(pause)
     finally:
         store.close()
         logger.info("%s: stopped", name)

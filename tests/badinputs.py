@@ -949,15 +949,28 @@ for _charset, _name in CHARSET_NAMES.items():
 
 @case(
     "charset_unknown",
-    "Specific Character Set 'ISO_IR 999' (unknown) with Latin-1 bytes in the name: read and "
-    "classified, but highdicom refuses to copy the unknown character set into the SR",
-    failed("result_encoding"),
+    "Specific Character Set 'ISO_IR 999' (unknown) with Latin-1 bytes in the name: read as "
+    "ISO 8859-1, classified, and the SR says so in a note",
+    ANALYSED,
     patient="Ñandú^Pérez",
 )
 def _unknown_charset() -> tuple[Dataset, str]:
     ds = chest()
     ds.SpecificCharacterSet = "ISO_IR 999"
     set_raw(ds, 0x00100010, "PN", "Ñandú^Pérez".encode("latin-1"))
+    return ds, ExplicitVRLittleEndian
+
+
+@case(
+    "float_pixel_data",
+    "a CR whose image is in Float Pixel Data (7FE0,0008) instead of Pixel Data",
+    failed("float_pixel_data"),
+)
+def _float() -> tuple[Dataset, str]:
+    ds = chest()
+    ds.FloatPixelData = np.frombuffer(ds.PixelData, "<u2").astype("<f4").tobytes()
+    del ds.PixelData, ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.BitsAllocated = 32
     return ds, ExplicitVRLittleEndian
 
 

@@ -77,6 +77,8 @@ READER_REASONS = frozenset(
         "lateral_view",
         "decode_failed",
         "too_large",
+        "float_pixel_data",
+        "no_file_meta",
     }
 )
 #: Skip reasons the listener records.

@@ -40,6 +40,9 @@ class ServeProcess:
         ``--allow-ae`` value (default ``ORTHANC``); None for none.
     umask : int, optional
         Umask the service runs with (to check file modes do not depend on it).
+    state, log : pathlib.Path, optional
+        State folder and log file elsewhere than ``folder/state`` and ``folder/service.log``
+        (e.g. on a small file system); the captured stdout and stderr stay in ``folder``.
     """
 
     def __init__(
@@ -50,11 +53,13 @@ class ServeProcess:
         port: int | None = None,
         allow: str | None = "ORTHANC",
         umask: int | None = None,
+        state: Path | None = None,
+        log: Path | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.state = self.folder / "state"
-        self.log = self.folder / "service.log"
+        self.state = Path(state) if state else self.folder / "state"
+        self.log = Path(log) if log else self.folder / "service.log"
         self.bundle = bundle
         self.args = list(args)
         self.port = port or free_port()

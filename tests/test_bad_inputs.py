@@ -120,6 +120,22 @@ def test_case(name: str, outcomes, live: ServeProcess) -> None:
         if case.patient_name in CHARSET_NAMES.values():
             # the name survives the round trip in its character set
             assert str(sr.PatientName) == case.patient_name
+        notes = _texts(sr)
+        if "ISO_IR 999" in case.what:  # the fallback is stated in the SR, with the name intact
+            assert any("'ISO_IR 999' is not a known DICOM character set" in n for n in notes)
+            assert str(sr.PatientName) == case.patient_name
+        else:
+            assert not any("character set" in n for n in notes)
+
+
+def _texts(ds: pydicom.Dataset) -> list[str]:
+    """Every TEXT value of an SR content tree."""
+    out = []
+    for item in ds.get("ContentSequence", []):
+        if item.get("ValueType") == "TEXT":
+            out.append(str(item.TextValue))
+        out += _texts(item)
+    return out
 
 
 @pytest.mark.timeout(300)

@@ -264,3 +264,80 @@ def test_config_parsing_and_toml(tmp_path: Path) -> None:
     toml.write_text("bogus = 1\n")
     with pytest.raises(ConfigError, match="bogus"):
         ServiceConfig.from_mapping(load_toml(toml))
+
+
+def test_job_waiting_for_disk_backs_off_and_never_fails(store: JobStore, tmp_path: Path) -> None:
+    uids = _received(store, "7", 2, now=1000.0, tmp=tmp_path)
+    [job] = store.group_stable_studies(5, now=1010.0)
+    assert store.claim_job("w", now=1010.0).id == job.id
+    store.set_instance_state(uids[0], "inferred")
+    assert store.wait_for_disk(job.id, "disk full", 2.0, 5.0, now=1010.0) == 2.0
+    assert store.job(job.id).state == "waiting_for_disk"
+    assert store.instance(uids[0]).state == "grouped"  # analysed again when it resumes
+    backlog = store.counts(now=1011.0)["backlog"]
+    assert backlog["jobs_waiting_for_disk"] == 1 and backlog["next_disk_retry_in_s"] == 1.0
+    assert store.claim_job("w", now=1011.0) is None  # not yet
+    delays = []
+    now = 1012.0
+    for _ in range(6):  # many more waits than max_job_attempts: never failed for it
+        claimed = store.claim_job("w", max_attempts=3, now=now)
+        assert claimed is not None and claimed.id == job.id and claimed.attempts == 1
+        delays.append(store.wait_for_disk(job.id, "disk full", 2.0, 5.0, now=now))
+        now += delays[-1]
+    assert delays == [4.0, 5.0, 5.0, 5.0, 5.0, 5.0]  # doubling, capped
+    assert store.counts(now=now)["backlog"]["disk_waits"] == 7
+    claimed = store.claim_job("w", now=now)
+    for uid in uids:
+        store.record_results(job.id, uid, _results(job.id, uid, tmp_path), ["dir:/x"], now=now)
+    assert store.finish_job(job.id) == "results_written"
+    assert store.counts()["backlog"]["jobs_waiting_for_disk"] == 0
+
+
+def test_space_for_results_still_to_write_is_reserved(store: JobStore, tmp_path: Path) -> None:
+    store.add_instance("1.1", "9", path=tmp_path / "a.dcm", reserve_bytes=3000)
+    store.add_instance("1.2", "9", path=tmp_path / "b.dcm", reserve_bytes=4000)
+    store.add_instance("1.3", "9", state="skipped", reason="not_image", reserve_bytes=0)
+    assert store.pending_result_bytes() == 7000
+    [job] = store.group_stable_studies(0)
+    store.claim_job("w")
+    store.record_results(job.id, "1.1", _results(job.id, "1.1", tmp_path), ["dir:/x"])
+    assert store.pending_result_bytes() == 4000  # 1.1's results are written
+
+
+def test_version_1_store_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, study_instance_uid TEXT NOT "
+        "NULL, state TEXT NOT NULL, reason TEXT, attempts INTEGER NOT NULL DEFAULT 0, claimed_by "
+        "TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL, started_at REAL, finished_at "
+        "REAL, delivered_at REAL);"
+        "CREATE TABLE instances (sop_instance_uid TEXT PRIMARY KEY, study_instance_uid TEXT NOT "
+        "NULL, series_instance_uid TEXT NOT NULL DEFAULT '', sop_class_uid TEXT NOT NULL DEFAULT "
+        "'', calling_ae TEXT NOT NULL DEFAULT '', path TEXT, state TEXT NOT NULL, reason TEXT, "
+        "job_id INTEGER, duplicates INTEGER NOT NULL DEFAULT 0, received_at REAL NOT NULL, "
+        "updated_at REAL NOT NULL);"
+        "INSERT INTO instances VALUES ('1.1', '9', '', '', '', 'a.dcm', 'received', NULL, NULL, "
+        "0, 1.0, 1.0);"
+    )
+    con.commit()
+    con.close()
+    with JobStore(path) as store:
+        assert store.instance("1.1").reserve_bytes == 0
+        assert store.pending_result_bytes() == 0
+        [job] = store.group_stable_studies(0)
+        store.claim_job("w")
+        assert store.wait_for_disk(job.id, "full", 1.0, 2.0) == 1.0
+
+
+def test_disk_full_errors_are_recognised() -> None:
+    import errno
+
+    from pacs_listener.spool import is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert is_disk_full(sqlite3.OperationalError("database or disk is full"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not is_disk_full(sqlite3.OperationalError("database is locked"))
+    assert not is_disk_full(ValueError("x"))

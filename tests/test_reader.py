@@ -481,6 +481,27 @@ def _truncated_at(fraction: float, name: str = "chest_cr_mono1.dcm") -> Callable
     return make
 
 
+def _float_pixels(ds: Dataset) -> None:
+    arr = np.frombuffer(ds.PixelData, "<u2").astype("<f4")
+    del ds.PixelData
+    ds.FloatPixelData = arr.tobytes()
+    del ds.BitsStored, ds.HighBit, ds.PixelRepresentation
+    ds.BitsAllocated = 32
+
+
+def _without_file_meta(name: str, preamble: bool) -> bytes:
+    """The sample's data set alone (no preamble, no group 0002), or after preamble + DICM."""
+    ds = pydicom.dcmread(SAMPLES / name)
+    ts = ds.file_meta.TransferSyntaxUID
+    buf = pydicom.filebase.DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    ds.file_meta = FileMetaDataset()
+    if ts.is_compressed:
+        ds["PixelData"].is_undefined_length = True
+    pydicom.filewriter.write_dataset(buf, ds)
+    return (b"\0" * 128 + b"DICM" if preamble else b"") + buf.getvalue()
+
+
 #: case id, how to make the input (bytes, or a path in tmp_path), reason, keyword of the fix
 REJECTIONS: list[tuple[str, Callable[[Path], bytes | Path | str], str, str]] = [
     ("not_found", lambda t: t / "missing.dcm", "not_found", "check the path"),
@@ -503,6 +524,19 @@ REJECTIONS: list[tuple[str, Callable[[Path], bytes | Path | str], str, str]] = [
         "re-send",
     ),
     ("sr_document", lambda t: _testfile("test-SR.dcm"), "no_pixel_data", "send the image"),
+    ("float_pixel_data", lambda t: _file(t, _float_pixels), "float_pixel_data", "(7FE0,0008)"),
+    (
+        "bare_data_set",
+        lambda t: _without_file_meta("chest_cr_mono1.dcm", preamble=False),
+        "no_file_meta",
+        "dcmconv --write-file",
+    ),
+    (
+        "compressed_without_transfer_syntax",
+        lambda t: _without_file_meta("chest_cr_jpegls.dcm", preamble=True),
+        "no_file_meta",
+        "Transfer Syntax UID (0002,0010)",
+    ),
     ("rgb", lambda t: _file(t, _rgb), "colour", "grayscale"),
     ("palette_colour", lambda t: _file(t, _palette), "colour", "grayscale"),
     ("ct", lambda t: _file(t, _set(Modality="CT")), "wrong_modality", "chest x-ray"),
@@ -563,6 +597,15 @@ def test_rejections(tmp_path, make, reason, fix):
         read_image(source)
     assert info.value.reason == reason, info.value.message
     assert fix.lower() in info.value.message.lower()
+
+
+def test_native_image_without_transfer_syntax_is_read_in_its_own_encoding(caplog):
+    """Preamble and DICM but an empty file meta: native Pixel Data is read as encoded."""
+    caplog.set_level("INFO")
+    image = read_image(_without_file_meta("chest_cr_mono1.dcm", preamble=True))
+    assert image.transfer_syntax == ExplicitVRLittleEndian.name
+    assert np.allclose(image.pixels, read_image(MONO1).pixels)
+    assert "no Transfer Syntax UID in the file meta" in caplog.text
 
 
 def test_decompression_bomb_is_rejected_from_the_header(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -18,18 +17,6 @@ _PANEL_NET = "Network"
 _PANEL_DELIVERY = "Delivery"
 _PANEL_MODEL = "Model"
 _PANEL_TLS = "TLS"
-
-
-def _private_log_file(path: Path, level: int) -> logging.Handler:
-    """A file handler on ``path`` created with mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setLevel(level)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    )
-    return handler
 
 
 @app.command()
@@ -77,6 +64,15 @@ def serve(
             min=1, help="Concurrent associations accepted (default 8).", rich_help_panel=_PANEL_NET
         ),
     ] = None,
+    accept_any_called_ae: Annotated[
+        bool | None,
+        typer.Option(
+            "--accept-any-called-ae/--require-called-ae",
+            help="Accept associations whatever called AE title they name (default: only our "
+            "--ae-title; others are rejected as 'called AE title not recognised').",
+            rich_help_panel=_PANEL_NET,
+        ),
+    ] = None,
     max_pdu: Annotated[
         int | None,
         typer.Option(
@@ -89,8 +85,10 @@ def serve(
         int | None,
         typer.Option(
             min=0,
-            help="Free disk space (MiB) the state folder must keep; below it C-STORE is answered "
-            "0xA700 so the PACS retries later (default 512).",
+            help="Free disk space (MiB) the state folder must keep, after the space reserved for "
+            "results still to be written; below it C-STORE is answered 0xA700 so the PACS "
+            "retries later (default 512). Results are written down to a quarter of it; below "
+            "that a job waits for space and resumes by itself.",
             rich_help_panel=_PANEL_NET,
         ),
     ] = None,
@@ -236,7 +234,8 @@ def serve(
     image of a study (once no image arrived for --quiet-period seconds) is analysed in a worker
     process; one Comprehensive SR and one Grad-CAM Secondary Capture per image go to each
     --destination (retried with backoff while it is down), or to --output-dir. Everything is kept
-    in --state-dir, so a restart resumes unfinished work without sending anything twice. Runs
+    in --state-dir, so a restart resumes unfinished work; a result is delivered at least once,
+    always with the same SOP Instance UIDs (a PACS keeps one copy). Runs
     until SIGINT/SIGTERM. Logs never contain patient names or IDs.
     RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE.
     """
@@ -250,6 +249,7 @@ def serve(
         TlsConfig,
         load_toml,
     )
+    from pacs_listener.logguard import install_service_logging
     from pacs_listener.service import Service
 
     with fail_on_error():
@@ -268,6 +268,8 @@ def serve(
                 scp_changes[key] = value
         if min_free_mb is not None:
             scp_changes["min_free_bytes"] = min_free_mb * 2**20
+        if accept_any_called_ae is not None:
+            scp_changes["require_called_ae"] = not accept_any_called_ae
         if allow_ae:
             scp_changes["allowed_callers"] = tuple(AllowedCaller.parse(a) for a in allow_ae)
         if tls_cert or tls_key or tls_ca:
@@ -301,9 +303,8 @@ def serve(
         }
         cfg = cfg.override(scp=scp_changes, retry=retry_changes, worker=worker_changes, **top)
         level = logging.getLogger().getEffectiveLevel()
-        logging.getLogger().addHandler(
-            _private_log_file(log_file or Path(cfg.state_dir) / "service.log", level)
-        )
+        # rate-limited, and safe on a full disk (see pacs_listener.logguard)
+        install_service_logging(log_file or Path(cfg.state_dir) / "service.log", level)
         logger.info("dicom-covid serve starting. RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE.")
         service = Service(cfg)
         service.start()

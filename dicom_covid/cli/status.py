@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -50,7 +51,13 @@ def status(
         raise typer.Exit(1) from None
     with store:
         counts = store.counts()
+        reserved = store.pending_result_bytes()
         bad = store.jobs(states=("failed", "dead"), limit=problems) if problems else []
+    try:
+        free: int | None = shutil.disk_usage(state_dir).free
+    except OSError:
+        free = None
+    counts["disk"] = {"free_bytes": free, "reserved_for_results_bytes": reserved}
     counts["problems"] = [
         {
             "job": j.id,
@@ -77,6 +84,23 @@ def status(
         f"{b['deliveries_pending']} delivery(ies) pending"
         + (f" (oldest {age:.0f} s)" if age is not None else "")
     )
+    if free is not None:
+        typer.echo(
+            f"disk        {free / 2**20:.0f} MiB free in the state folder, "
+            f"{reserved / 2**20:.0f} MiB of it reserved for results still to be written"
+            + (
+                "; FULL: new images are refused (0xA700) and results wait until space is freed"
+                if free <= reserved
+                else ""
+            )
+        )
+    if b["jobs_waiting_for_disk"]:
+        nxt = b["next_disk_retry_in_s"]
+        typer.echo(
+            f"disk        {b['jobs_waiting_for_disk']} job(s) wait for free disk space to write "
+            f"their results (waited {b['disk_waits']} time(s); next try in {nxt:.0f} s); they "
+            "resume by themselves once space is freed"
+        )
     if counts["skipped_reasons"]:
         typer.echo(_line("skipped", counts["skipped_reasons"]))
     if counts["duplicates"]:
