@@ -12,6 +12,8 @@ A TOML file mirrors the objects (every key optional)::
     output_dir = "/srv/dicom-covid/out"        # used when there is no destination
     model = "efficientnet_lite0"
     bundle = "/opt/dicom-covid/monai_bundle"
+    metrics_port = 9464                       # Prometheus /metrics, /healthz, /readyz
+    metrics_host = "127.0.0.1"
 
     [scp]
     ae_title = "DICOMCOVID"
@@ -468,6 +470,12 @@ class ServiceConfig:
     keep_spool : bool
         Keep received images after their job is delivered (default False: deleted once every
         result of the job is delivered; failed and dead jobs keep theirs for ``retry``).
+    metrics_port : int or None
+        TCP port of the Prometheus ``/metrics`` endpoint with the ``/healthz`` and ``/readyz``
+        probes (see :mod:`pacs_listener.metrics`). Default None: no endpoint.
+    metrics_host : str
+        Address the metrics endpoint listens on (default ``127.0.0.1``; ``0.0.0.0`` to let a
+        Prometheus server on another host scrape it).
     """
 
     state_dir: Path = Path("dicom-covid-state")
@@ -478,10 +486,14 @@ class ServiceConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     keep_spool: bool = False
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.quiet_period < 0:
             raise ConfigError("quiet_period must not be negative.")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"metrics_port {self.metrics_port} is outside 0-65535.")
 
     @property
     def db_path(self) -> Path:
@@ -600,6 +612,10 @@ class ServiceConfig:
                 top[key] = float(value)
             elif key == "keep_spool":
                 top[key] = bool(value)
+            elif key == "metrics_port":
+                top[key] = int(value)
+            elif key == "metrics_host":
+                top[key] = str(value)
             else:
                 raise ConfigError(f"unknown setting {key!r} in the configuration file.")
         scp = base.scp

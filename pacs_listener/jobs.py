@@ -45,6 +45,7 @@ from .spool import ensure_private_dir
 __all__ = [
     "INSTANCE_STATES",
     "JOB_STATES",
+    "STAGES",
     "Delivery",
     "Instance",
     "Job",
@@ -78,12 +79,29 @@ JOB_STATES = (
 #: Instance states whose results are still to be written (their disk space is reserved).
 _RESULTS_TO_WRITE = ("received", "grouped", "inferred")
 
-_SCHEMA_VERSION = "2"
+#: Stages of a job whose durations ``serve --metrics-port`` reports as histograms: SQL of the
+#: seconds each took (``j`` is the jobs row; NULL while the stage is not finished).
+STAGES = {
+    # first image received -> study grouped into a job (the quiet period and the arrivals)
+    "grouping": "j.created_at - (SELECT MIN(i.received_at) FROM instances i WHERE i.job_id = j.id)",
+    # grouped -> claimed by the worker
+    "queued": "j.started_at - j.created_at",
+    # claimed -> every image analysed and its results written
+    "analysis": "j.finished_at - j.started_at",
+    # results written -> the last result confirmed by every destination
+    "delivery": "j.delivered_at - j.finished_at",
+    # first image received -> every result delivered
+    "end_to_end": "j.delivered_at - (SELECT MIN(i.received_at) FROM instances i "
+    "WHERE i.job_id = j.id)",
+}
+
+_SCHEMA_VERSION = "3"
 #: Columns added after schema version 1: (table, column, definition).
 _MIGRATIONS = (
     ("jobs", "not_before", "REAL"),
     ("jobs", "disk_waits", "INTEGER NOT NULL DEFAULT 0"),
     ("instances", "reserve_bytes", "INTEGER NOT NULL DEFAULT 0"),
+    ("results", "outcome", "TEXT"),  # version 3: the prediction's outcome, for the metrics
 )
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -130,6 +148,7 @@ CREATE TABLE IF NOT EXISTS results (
     study_instance_uid TEXT NOT NULL,
     path TEXT NOT NULL,
     created_at REAL NOT NULL,
+    outcome TEXT,
     UNIQUE (source_sop_instance_uid, kind)
 );
 CREATE INDEX IF NOT EXISTS results_job ON results (job_id);
@@ -599,11 +618,13 @@ class JobStore:
         results: Sequence[ResultFile],
         targets: Sequence[str],
         now: float | None = None,
+        outcome: str | None = None,
     ) -> None:
         """Commit the result files of one source image and queue their deliveries.
 
         In one transaction: a results row per file, a pending delivery per (result, target), and
-        the source instance moves to ``results_written``.
+        the source instance moves to ``results_written``. ``outcome`` is the prediction's
+        outcome (``suspected``, ``not_suspected`` or ``indeterminate``; counted by the metrics).
 
         Raises
         ------
@@ -615,8 +636,8 @@ class JobStore:
             for r in results:
                 cur = con.execute(
                     "INSERT INTO results (job_id, source_sop_instance_uid, kind, "
-                    "sop_instance_uid, study_instance_uid, path, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "sop_instance_uid, study_instance_uid, path, created_at, outcome) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         job_id,
                         source_sop_instance_uid,
@@ -625,6 +646,7 @@ class JobStore:
                         r.study_instance_uid,
                         self._rel(r.path),
                         now,
+                        outcome,
                     ),
                 )
                 for target in targets:
@@ -988,6 +1010,108 @@ class JobStore:
                 "oldest_pending_delivery_age_s": round(now - oldest, 1) if oldest else None,
             },
         }
+
+    def metrics(self, buckets: Sequence[float], now: float | None = None) -> dict:
+        """Everything ``serve --metrics-port`` exports, read in one transaction.
+
+        The counts come from the store, which the listener, the worker process and the sender
+        all write, so they are right whichever process did the work and survive restarts.
+
+        Parameters
+        ----------
+        buckets : sequence of float
+            Upper bounds (seconds, increasing) of the stage-duration histograms.
+        now : float, optional
+            Current time (default: now).
+
+        Returns
+        -------
+        dict
+            ``instances`` (per state), ``skipped_reasons``, ``jobs`` (per state), ``deliveries``
+            (per target, per state), ``analysed`` (images with results), ``outcomes`` (per
+            outcome; ``unknown`` for results recorded before outcomes were), ``duplicates``,
+            ``result_bytes_reserved``, ``oldest_pending_delivery_age_s`` and ``stages``
+            (per stage of :data:`STAGES`: cumulative bucket counts, count, sum).
+        """
+        now = time.time() if now is None else now
+        bounds = [float(b) for b in buckets]
+        con = self._con()
+        con.execute("BEGIN")  # one snapshot for every query (WAL: never blocks the writers)
+        try:
+            instances = {s: 0 for s in INSTANCE_STATES}
+            instances.update(con.execute("SELECT state, COUNT(*) FROM instances GROUP BY state"))
+            jobs = {s: 0 for s in JOB_STATES}
+            jobs.update(con.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+            skipped = dict(
+                con.execute(
+                    "SELECT COALESCE(reason, 'unknown'), COUNT(*) FROM instances "
+                    "WHERE state = 'skipped' GROUP BY 1"
+                ).fetchall()
+            )
+            deliveries: dict[str, dict[str, int]] = {}
+            for target, state, n in con.execute(
+                "SELECT target, state, COUNT(*) FROM deliveries GROUP BY target, state"
+            ):
+                per = deliveries.setdefault(target, {"pending": 0, "delivered": 0, "dead": 0})
+                per[state] = int(n)
+            analysed = con.execute(
+                "SELECT COUNT(DISTINCT source_sop_instance_uid) FROM results"
+            ).fetchone()[0]
+            outcomes = dict(
+                con.execute(
+                    "SELECT COALESCE(outcome, 'unknown'), COUNT(*) FROM results "
+                    "WHERE kind = 'sr' GROUP BY 1"
+                ).fetchall()
+            )
+            duplicates = con.execute(
+                "SELECT COALESCE(SUM(duplicates), 0) FROM instances"
+            ).fetchone()[0]
+            reserved = con.execute(
+                "SELECT COALESCE(SUM(reserve_bytes), 0) FROM instances WHERE state IN "
+                f"({','.join('?' * len(_RESULTS_TO_WRITE))})",
+                _RESULTS_TO_WRITE,
+            ).fetchone()[0]
+            oldest = con.execute(
+                "SELECT MIN(r.created_at) FROM deliveries d JOIN results r "
+                "ON r.id = d.result_id WHERE d.state = 'pending'"
+            ).fetchone()[0]
+            stages = {}
+            for stage, expr in STAGES.items():
+                row = con.execute(
+                    "SELECT COUNT(x), COALESCE(SUM(x), 0)"
+                    + "".join(", COALESCE(SUM(x <= ?), 0)" for _ in bounds)
+                    + f" FROM (SELECT MAX({expr}, 0) AS x FROM jobs j) WHERE x IS NOT NULL",
+                    bounds,
+                ).fetchone()
+                stages[stage] = {
+                    "count": int(row[0]),
+                    "sum": float(row[1]),
+                    "buckets": [int(v) for v in row[2:]],
+                }
+        finally:
+            con.execute("COMMIT")
+        return {
+            "instances": {k: int(v) for k, v in instances.items()},
+            "skipped_reasons": {str(k): int(v) for k, v in skipped.items()},
+            "jobs": {k: int(v) for k, v in jobs.items()},
+            "deliveries": deliveries,
+            "analysed": int(analysed),
+            "outcomes": {str(k): int(v) for k, v in outcomes.items()},
+            "duplicates": int(duplicates),
+            "result_bytes_reserved": int(reserved),
+            "oldest_pending_delivery_age_s": max(0.0, now - oldest) if oldest else None,
+            "stages": stages,
+        }
+
+    def check_writable(self) -> None:
+        """Commit a small write (the time of this check in ``meta``), as ``/readyz`` does.
+
+        Raises
+        ------
+        sqlite3.Error
+            When the store cannot be written (disk full, read-only, locked for 30 s).
+        """
+        self._set_meta("writable_checked_at", repr(time.time()))
 
     def files_of_job(self, job_id: int) -> list[Path]:
         """Spool and result files of a job (for clean-up after delivery)."""

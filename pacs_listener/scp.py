@@ -34,6 +34,7 @@ import sqlite3
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pydicom
@@ -56,7 +57,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from .config import ScpConfig, TlsConfig
@@ -67,6 +68,7 @@ from .triage import Verdict, incomplete, result_reserve, too_large, triage
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
+    "STATUS_CODES",
     "STATUS_MISMATCH",
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_SUCCESS",
@@ -74,6 +76,7 @@ __all__ = [
     "TRANSFER_SYNTAXES",
     "StorageSCP",
     "server_ssl_context",
+    "supported_contexts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,6 +87,38 @@ STATUS_TOO_LARGE = 0xA701
 STATUS_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_PROCESSING_FAILURE = 0xC211
+
+#: Every C-STORE status the SCP answers with, and when (the conformance statement's table).
+STATUS_CODES: dict[int, tuple[str, str]] = {
+    STATUS_SUCCESS: (
+        "Success",
+        "stored and queued; or acknowledged without processing: a duplicate, an object that is "
+        "not a frontal chest CR/DX image (skipped), one of our own results",
+    ),
+    STATUS_OUT_OF_RESOURCES: (
+        "Refused: out of resources",
+        "free disk, less the space reserved for results still to be written, below "
+        "min_free_bytes; or the spool or job store cannot be written (transient: retry later)",
+    ),
+    STATUS_TOO_LARGE: (
+        "Refused: out of resources",
+        "a candidate image declares more than maximum_image_pixels pixels or "
+        "maximum_image_bytes decoded (judged from the header; permanent)",
+    ),
+    STATUS_MISMATCH: (
+        "Error: data set does not match SOP class",
+        "the data set's SOP Class/Instance UID differs from the C-STORE request's",
+    ),
+    STATUS_CANNOT_UNDERSTAND: (
+        "Error: cannot understand",
+        "the data set cannot be parsed, lacks its SOP Instance/Class UID, or is incomplete "
+        "(a value shorter than its length, a CR/DX/SC image without Pixel Data)",
+    ),
+    STATUS_PROCESSING_FAILURE: (
+        "Error: processing failure",
+        "an unexpected error in the handler (logged with a traceback)",
+    ),
+}
 
 #: Transfer syntaxes accepted for every storage SOP class: RLE, JPEG (lossless, baseline,
 #: extended), JPEG-LS, JPEG 2000, HTJ2K, deflated and uncompressed. pynetdicom takes the first of
@@ -107,6 +142,19 @@ TRANSFER_SYNTAXES = [
     ImplicitVRLittleEndian,
     ExplicitVRBigEndian,
 ]
+
+
+def supported_contexts() -> list[tuple[str, list[str]]]:
+    """The presentation contexts the SCP accepts: ``(abstract syntax, transfer syntaxes)``.
+
+    Verification with pynetdicom's default transfer syntaxes, then every storage SOP class of
+    pynetdicom's ``AllStoragePresentationContexts`` with :data:`TRANSFER_SYNTAXES`.
+    """
+    out = [(str(Verification), list(DEFAULT_TRANSFER_SYNTAXES))]
+    out += [
+        (str(cx.abstract_syntax), list(TRANSFER_SYNTAXES)) for cx in AllStoragePresentationContexts
+    ]
+    return out
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -151,12 +199,22 @@ class StorageSCP:
         Where instances are recorded.
     spool : Spool
         Where candidate images are written.
+    on_refused : callable, optional
+        Called with the status of every C-STORE answered with a failure status (the metrics
+        count them; it must not raise).
     """
 
-    def __init__(self, config: ScpConfig, store: JobStore, spool: Spool) -> None:
+    def __init__(
+        self,
+        config: ScpConfig,
+        store: JobStore,
+        spool: Spool,
+        on_refused: Callable[[int], None] | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.spool = spool
+        self.on_refused = on_refused
         self._server = None
         self._assocs: dict[object, _AssocStats] = {}
         self._lock = threading.Lock()
@@ -172,9 +230,8 @@ class StorageSCP:
         ae.dimse_timeout = c.dimse_timeout
         ae.network_timeout = c.network_timeout
         ae.require_called_aet = c.require_called_ae
-        ae.add_supported_context(Verification)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        for abstract_syntax, syntaxes in supported_contexts():
+            ae.add_supported_context(abstract_syntax, syntaxes)
         return ae
 
     @property
@@ -367,6 +424,11 @@ class StorageSCP:
             status = STATUS_PROCESSING_FAILURE
         if status not in (STATUS_SUCCESS,):
             stats.refused += 1
+            if self.on_refused is not None:
+                try:
+                    self.on_refused(status)
+                except Exception:
+                    logger.exception("counting a refused instance failed")
         return status
 
     def _free_space(self) -> tuple[int, int]:

@@ -75,6 +75,8 @@ class Service:
         self._fatal: str | None = None
         self._restarts = 0
         self._saved_validation: int | None = None
+        self.metrics: Any = None
+        self.model_info: dict[str, str] = {}
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -114,7 +116,14 @@ class Service:
         self._report_orphans()
         self._log_queue = self._ctx.Queue()
         self._start_thread(self._forward_logs, "log forwarder")
-        self.scp = StorageSCP(c.scp, self.store, spool)
+        if c.metrics_port is not None:
+            self._start_metrics()
+        self.scp = StorageSCP(
+            c.scp,
+            self.store,
+            spool,
+            on_refused=self.metrics.count_refused if self.metrics is not None else None,
+        )
         try:
             self.scp.start()
         except OSError as exc:
@@ -145,9 +154,48 @@ class Service:
 
         wc = self.config.worker
         try:
-            Bundle(wc.bundle).facts(wc.model)
+            bundle = Bundle(wc.bundle)
+            facts = bundle.facts(wc.model)
         except DicomCovidError as exc:
             raise ServiceError(str(exc)) from exc
+        self.model_info = {
+            "name": facts.name,
+            "title": facts.title,
+            "kind": facts.kind,
+            "members": "+".join(facts.members),
+            "version": bundle.version,
+            "covid_threshold": f"{facts.covid_threshold:.4f}",
+        }
+
+    def _start_metrics(self) -> None:
+        from .metrics import MetricsServer, ServiceProbe
+
+        c = self.config
+        probe = ServiceProbe(alive=self._alive, model_loaded=self._worker_ready.is_set)
+        probe.model_info = self.model_info
+        self.metrics = MetricsServer(c.db_path, probe, c.metrics_host, c.metrics_port)
+        try:
+            self.metrics.start()
+        except OSError as exc:
+            self.metrics = None
+            self._shutdown_partial()
+            raise ServiceError(
+                f"cannot serve metrics on {c.metrics_host}:{c.metrics_port} "
+                f"({exc.strerror or exc}); choose another --metrics-port or stop the program "
+                "using it."
+            ) from exc
+
+    def _alive(self) -> tuple[bool, str]:
+        """Liveness for ``/healthz``: ``(running, reason)``."""
+        if self._fatal:
+            return False, f"stopped: {self._fatal}"
+        if self._stop.is_set():
+            return False, "stopping"
+        dead = [t.name for t in self._threads if not t.is_alive()]
+        if dead:
+            return False, f"thread(s) stopped: {', '.join(dead)}"
+        worker = "running" if self._worker_ready.is_set() else "loading the model"
+        return True, f"ok (worker {worker})"
 
     def _report_orphans(self) -> None:
         assert self.store is not None
@@ -231,6 +279,9 @@ class Service:
 
     def _shutdown_partial(self) -> None:
         self._stop.set()
+        if self.metrics is not None:
+            self.metrics.stop()
+            self.metrics = None
         if self._log_queue is not None:
             with contextlib.suppress(Exception):
                 self._log_queue.put(None)

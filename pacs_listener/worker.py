@@ -317,7 +317,9 @@ class JobProcessor:
                 files.append(
                     ResultFile(kind, str(obj.SOPInstanceUID), str(obj.StudyInstanceUID), path)
                 )
-            self.store.record_results(job.id, sop, files, self.targets)
+            self.store.record_results(
+                job.id, sop, files, self.targets, outcome=result.prediction.outcome
+            )
         except NoDiskSpace:
             raise
         except InputRejected as exc:

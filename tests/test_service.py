@@ -333,6 +333,8 @@ def test_serve_help_documents_every_flag() -> None:
         "--tls-ca",
         "--retry-base",
         "--retry-tries",
+        "--metrics-port",
+        "--metrics-host",
     ):
         assert flag in result.output
 

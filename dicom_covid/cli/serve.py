@@ -17,6 +17,7 @@ _PANEL_NET = "Network"
 _PANEL_DELIVERY = "Delivery"
 _PANEL_MODEL = "Model"
 _PANEL_TLS = "TLS"
+_PANEL_OPS = "Operations"
 
 
 @app.command()
@@ -218,6 +219,25 @@ def serve(
             rich_help_panel=_PANEL_TLS,
         ),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Serve Prometheus metrics on http://HOST:PORT/metrics, with /healthz and "
+            "/readyz probes (default: off). Counts come from the job store.",
+            envvar="DICOM_COVID_METRICS_PORT",
+            rich_help_panel=_PANEL_OPS,
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address of the metrics endpoint (default 127.0.0.1; 0.0.0.0 for a Prometheus "
+            "server on another host).",
+            rich_help_panel=_PANEL_OPS,
+        ),
+    ] = None,
     log_file: Annotated[
         Path | None,
         typer.Option(
@@ -284,6 +304,8 @@ def serve(
             ("output_dir", output_dir),
             ("quiet_period", quiet_period),
             ("keep_spool", keep_spool),
+            ("metrics_port", metrics_port),
+            ("metrics_host", metrics_host),
         ):
             if value is not None:
                 top[key] = value
