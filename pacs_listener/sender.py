@@ -27,7 +27,7 @@ from .config import Destination, SenderConfig, TlsConfig
 from .jobs import Delivery, JobStore
 from .spool import atomic_copy, is_disk_full, safe_name
 
-__all__ = ["Sender", "client_ssl_context", "send_files"]
+__all__ = ["Sender", "client_ssl_context", "proposed_transfer_syntaxes", "send_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,16 @@ def client_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(tls.cert), str(tls.key))
     return ctx
+
+
+def proposed_transfer_syntaxes(file_syntax: str) -> list[str]:
+    """Transfer syntaxes proposed for a result file: its own, then Explicit and Implicit VR
+    Little Endian (each once, in that order)."""
+    out: list[str] = []
+    for ts in (file_syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        if str(ts) not in out:
+            out.append(str(ts))
+    return out
 
 
 def send_files(
@@ -99,7 +109,7 @@ def send_files(
         if ds is None:
             continue
         syntaxes = wanted.setdefault(str(ds.SOPClassUID), [])
-        for ts in (ds.file_meta.TransferSyntaxUID, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        for ts in proposed_transfer_syntaxes(str(ds.file_meta.TransferSyntaxUID)):
             if ts not in syntaxes:
                 syntaxes.append(ts)
     for sop_class, syntaxes in wanted.items():

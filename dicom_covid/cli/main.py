@@ -5,6 +5,7 @@ from __future__ import annotations
 # Importing a command module registers its command on ``app``.
 from . import abstention as _abstention  # noqa: F401
 from . import compare as _compare  # noqa: F401
+from . import conformance as _conformance  # noqa: F401
 from . import crossval as _crossval  # noqa: F401
 from . import demo as _demo  # noqa: F401
 from . import ensemble as _ensemble  # noqa: F401
