@@ -384,7 +384,10 @@ class Bundle:
 
 
 def install_model(
-    run_dir: str | Path, bundle_root: str | Path | None = None, make_default: bool = False
+    run_dir: str | Path,
+    bundle_root: str | Path | None = None,
+    make_default: bool = False,
+    name: str | None = None,
 ) -> Path:
     """Copy a finished training run (``model.safetensors`` + ``model.json``) into a bundle.
 
@@ -396,6 +399,10 @@ def install_model(
         Bundle folder (default: the project's).
     make_default : bool
         Also make it the bundle's default model.
+    name : str, optional
+        Model name in the bundle (default: the backbone's registry key). A second model of the
+        same backbone needs its own name (e.g. ``efficientnet_lite0_v2``); its facts keep the
+        ``backbone``.
 
     Returns
     -------
@@ -405,12 +412,12 @@ def install_model(
     run_dir = Path(run_dir)
     bundle = Bundle(bundle_root)
     facts = json.loads((run_dir / "model.json").read_text())
-    name = facts["backbone"]
+    name = name or facts["backbone"]
     models = bundle.root / "models"
     models.mkdir(exist_ok=True)
     target = models / f"{name}.safetensors"
     shutil.copyfile(run_dir / "model.safetensors", target)
-    (models / f"{name}.json").write_text(json.dumps(facts, indent=2) + "\n")
+    _write_atomic(models / f"{name}.json", json.dumps(facts, indent=2) + "\n")
     meta_path = bundle.root / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())
     meta["dicom_covid"]["models"][name] = {
@@ -419,7 +426,7 @@ def install_model(
     }
     if make_default:
         meta["dicom_covid"]["default_model"] = name
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    _write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
     logger.info("installed %s into %s", name, bundle.root)
     return target
 
@@ -590,3 +597,29 @@ def set_model_facts(bundle: Bundle, name: str, entries: Mapping[str, object]) ->
     facts.update(entries)
     _write_atomic(path, json.dumps(facts, indent=2) + "\n")
     return path
+
+
+def backbone_of(name: str, bundle_root: str | Path | None = None) -> str:
+    """The registry backbone of a model name: its facts' ``backbone`` for a bundle model.
+
+    A bundle model may be named apart from its backbone (``efficientnet_lite0_v2`` is an
+    ``efficientnet_lite0``); a registry key that is not a bundle model is returned unchanged.
+
+    Parameters
+    ----------
+    name : str
+        Bundle model name or registry key.
+    bundle_root : path, optional
+        Bundle folder (default: the project's).
+
+    Returns
+    -------
+    str
+    """
+    try:
+        bundle = Bundle(bundle_root)
+        if name in bundle._own["models"] and not bundle.is_ensemble(name):
+            return str(bundle.facts(name).raw.get("backbone", name))
+    except BundleError:
+        pass
+    return name

@@ -77,8 +77,8 @@ class Predictor:
         self._covid = self.labels.index("covid")
         self._model: nn.Module | None = None
         self._members: list[Predictor] = []
-        self._set_abstention(abstention)
         if self.facts.is_ensemble:
+            self._set_abstention(abstention)
             self._members = [
                 Predictor(self.bundle, m, device, abstention) for m in self.facts.members
             ]
@@ -90,6 +90,7 @@ class Predictor:
             )
             return
         self._load_network()
+        self._set_abstention(abstention)
         logger.info("loaded model %s from bundle %s", self.facts.name, self.bundle.version)
 
     def _load_network(self) -> None:
@@ -104,11 +105,35 @@ class Predictor:
         self._normalize = RepeatNormalize(f.mean, f.std)
         #: Softmax temperature fitted on the val split (1.0 when the model was not calibrated).
         self.temperature = float(f.raw.get("temperature", 1.0))
-        # Penultimate features (input of the last linear layer) for the out-of-distribution check.
         self._features: list[torch.Tensor] = []
-        linear = [m for m in self._model.modules() if isinstance(m, nn.Linear)]
+        self._feature_hook: Any = None
+        self.feature_layer: str | None = None
+
+    def set_feature_layer(self, layer: str | None) -> None:
+        """Choose the features of the out-of-distribution check.
+
+        Parameters
+        ----------
+        layer : str or None
+            Dotted module path: the channel means and standard deviations of its output
+            (texture statistics, which tell an X-ray from an MR slice or a test pattern); None:
+            the penultimate features (input of the last linear layer).
+        """
+        if self._feature_hook is not None:
+            self._feature_hook.remove()
+        model = self.model
+        self.feature_layer = layer
+        if layer:
+
+            def pooled(_m: nn.Module, _args: Any, out: torch.Tensor) -> None:
+                o = out.detach().float()
+                self._features.append(torch.cat([o.mean((2, 3)), o.std((2, 3))], dim=1))
+
+            self._feature_hook = model.get_submodule(layer).register_forward_hook(pooled)
+            return
+        linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
         if linear:
-            linear[-1].register_forward_pre_hook(
+            self._feature_hook = linear[-1].register_forward_pre_hook(
                 lambda _m, args: self._features.append(args[0].detach().float().flatten(1))
             )
 
@@ -129,6 +154,8 @@ class Predictor:
                 )
             self.density = FeatureDensity.load(path)
         self._segmenter: Any = None
+        if self._model is not None:
+            self.set_feature_layer(ood.get("layer") if isinstance(ood, Mapping) else None)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> Predictor:

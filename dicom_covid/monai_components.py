@@ -172,14 +172,33 @@ class PreprocessXray(Transform):
         Network input side.
     mean, std : sequence of 3 floats
         Per-channel normalisation of the trained model.
+    pipeline : mapping, optional
+        The model facts' ``preprocessing`` entry (see :mod:`dicom_covid.preprocessing`);
+        the plain resize when absent.
     """
 
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        pipeline: Mapping[str, Any] | None = None,
+    ) -> None:
         self.size = int(size)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
+        self.pipeline = dict(pipeline or {})
+        self._prep = None
+        if self.pipeline.get("pipeline", "resize") != "resize":
+            from .preprocessing import Preprocessing
+            from .transforms import RepeatNormalize
+
+            self._prep = Preprocessing(self.size, self.pipeline)
+            self._normalize = RepeatNormalize(self.mean, self.std)
 
     def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if self._prep is not None:
+            return self._normalize(self._prep(pixels)[0])
         return preprocess(pixels, self.size, self.mean, self.std)
 
 
@@ -193,9 +212,10 @@ class PreprocessXrayd(MapTransform):
         mean: Sequence[float],
         std: Sequence[float],
         allow_missing_keys: bool = False,
+        pipeline: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.op = PreprocessXray(size, mean, std)
+        self.op = PreprocessXray(size, mean, std, pipeline)
 
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
@@ -343,7 +363,8 @@ class ClassificationRunner:
             x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
             x = x.to(self.device)
             logits = self.inferer(x, net) if self.inferer is not None else net(x)
-            probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            temperature = float(self.facts.raw.get("temperature", 1.0))
+            probs = torch.softmax(logits.float() / temperature, dim=1).cpu().numpy()
             paths = list(batch[self.path_key])
             reasons = list(batch.get(REJECTED_KEY, [""] * len(paths)))
             for path, reason, p in zip(paths, reasons, probs, strict=True):

@@ -46,6 +46,15 @@ def fit(
     uncertain_share: Annotated[
         float, typer.Option(min=0, max=0.5, help="Share of val abstained on as 'uncertain'.")
     ] = 0.03,
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            help="Module whose channel statistics are the features (default per backbone)."
+        ),
+    ] = None,
+    max_train_per_class: Annotated[
+        int, typer.Option(min=10, help="Training images per class for the statistics.")
+    ] = 800,
     install: Annotated[bool, typer.Option(help="Write the result into the bundle.")] = False,
     progress: Annotated[bool, typer.Option(help="Progress bars.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
@@ -71,6 +80,8 @@ def fit(
             percentile=percentile,
             uncertain_share=uncertain_share,
             progress=progress,
+            layer=layer,
+            max_train_per_class=max_train_per_class,
         )
         if install:
             set_model_facts(b, name, {"abstention": entry})

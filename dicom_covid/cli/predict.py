@@ -46,6 +46,14 @@ def predict(
     bundle: BundleOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 8,
+    abstain: Annotated[
+        bool,
+        typer.Option(
+            help="Give 'Indeterminate' instead of a verdict for images the model should not "
+            "judge (blank, no lung fields, unlike its training data, too close to the "
+            "threshold). --no-abstain gives every image a verdict (reasons still listed)."
+        ),
+    ] = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
     """Classify chest X-rays: probabilities of covid/normal/pneumonia and the screening decision.
@@ -61,7 +69,7 @@ def predict(
 
     files = _expand(paths)
     with fail_on_error():
-        predictor = Predictor(bundle, model)
+        predictor = Predictor(bundle, model, abstention=None if abstain else {"enabled": False})
     accepted, rejected = [], []
     for f in files:
         try:
@@ -70,9 +78,8 @@ def predict(
             rejected.append({"path": str(f), "reason": exc.reason, "message": exc.message})
     results = []
     images = [im for _, im in accepted]
-    probs = predictor.probabilities(images, batch_size=batch_size) if images else []
-    for (f, im), p in zip(accepted, probs, strict=True):
-        pred = predictor.to_prediction(p, im)
+    preds = predictor.predict_batch(images, batch_size=batch_size) if images else []
+    for (f, _), pred in zip(accepted, preds, strict=True):
         results.append({"path": str(f), **pred.to_dict()})
 
     if as_json:

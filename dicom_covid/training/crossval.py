@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..errors import DataError
 from ..reader import read_image
 from .data import LABELS, read_manifest
 from .metrics import bootstrap_auc_ci
@@ -118,7 +119,7 @@ def crossval(cfg: TrainConfig, group: str, progress: bool = True) -> dict[str, A
     known = {r.source for r in read_manifest(cfg.data_dir)}
     unknown = sorted(set(sources) - known)
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"sources {unknown} are not in {cfg.data_dir}/manifest.csv; known sources: "
             f"{', '.join(sorted(known))}"
         )

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from ..errors import DataError
 from ..models import build_model, get_spec
 from ..preprocessing import Preprocessing
 from ..transforms import ChestAugment, SourceScrambleAugment
@@ -262,7 +263,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
 
     if cfg.recipe not in RECIPES:
-        raise ValueError(f"recipe {cfg.recipe!r} is not one of {', '.join(RECIPES)}")
+        raise DataError(f"recipe {cfg.recipe!r} is not one of {', '.join(RECIPES)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     transfer = cfg.recipe == "transfer"
