@@ -9,11 +9,19 @@ A TOML file mirrors the objects (every key optional)::
     state_dir = "/var/lib/dicom-covid"
     quiet_period = 5.0
     destinations = ["ORTHANC@127.0.0.1:4242"]
+    kos_for_suspected = false                 # true: a KOS "Of Interest" with suspected results
     output_dir = "/srv/dicom-covid/out"        # used when there is no destination
     model = "efficientnet_lite0"
     bundle = "/opt/dicom-covid/monai_bundle"
     metrics_port = 9464                       # Prometheus /metrics, /healthz, /readyz
     metrics_host = "127.0.0.1"
+
+    [[stowrs]]                                # DICOMweb STOW-RS destinations (repeatable)
+    url = "https://pacs.example.org/dicom-web/studies"
+    basic_auth_file = "stow.basic"            # one line "user:password" (mode 0600), or
+    token_file = "stow.token"                 # ... one line: a bearer token (not both)
+    ca = "pacs-ca.crt"                        # PEM CA bundle for https (default: system store)
+    timeout = 60.0
 
     [scp]
     ae_title = "DICOMCOVID"
@@ -75,6 +83,7 @@ __all__ = [
     "ScpConfig",
     "SenderConfig",
     "ServiceConfig",
+    "StowDestination",
     "TlsConfig",
     "WorkerConfig",
     "load_toml",
@@ -149,6 +158,119 @@ class Destination:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.ae_title}@{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StowDestination:
+    """A DICOMweb origin server results are sent to with STOW-RS (PS3.18 section 10.5).
+
+    Each result is POSTed to ``url`` in a ``multipart/related; type="application/dicom"`` body.
+    The credentials are read from their file at every try (a rotated token is used without a
+    restart) and are never logged nor kept in this object.
+
+    Attributes
+    ----------
+    url : str
+        The STOW-RS resource, e.g. ``http://127.0.0.1:8042/dicom-web/studies`` (``http`` or
+        ``https``; no user name or password in the URL: use a credentials file).
+    basic_auth_file : pathlib.Path or None
+        File whose first line is ``user:password`` for HTTP basic authentication (default None).
+    token_file : pathlib.Path or None
+        File whose first line is a bearer token (default None). At most one of the two.
+    ca : pathlib.Path or None
+        PEM CA bundle the server certificate of an ``https`` URL must chain to (default None:
+        the system trust store).
+    timeout : float
+        Seconds to connect and to wait for each read of the answer (default 60).
+    """
+
+    url: str
+    basic_auth_file: Path | None = None
+    token_file: Path | None = None
+    ca: Path | None = None
+    timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        m = re.match(r"^(https?)://([^/?#]+)(/[^?#]*)?$", self.url.strip())
+        if not m:
+            raise ConfigError(
+                f"STOW-RS URL {self.url!r} is not an http(s) URL of a resource, e.g. "
+                "http://127.0.0.1:8042/dicom-web/studies."
+            )
+        if "@" in m[2]:
+            raise ConfigError(
+                f"STOW-RS URL {m[1]}://...@{m[2].rpartition('@')[2]}: put no credentials in the "
+                "URL (they would end up in logs); use a basic-auth or token file."
+            )
+        object.__setattr__(self, "url", self.url.strip().rstrip("/"))
+        if self.basic_auth_file is not None and self.token_file is not None:
+            raise ConfigError(
+                f"STOW-RS {self.url}: give either a basic-auth file or a token file, not both."
+            )
+        for path in (self.basic_auth_file, self.token_file, self.ca):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"STOW-RS {self.url}: {path} is not a readable file.")
+        if self.basic_auth_file is not None and ":" not in self.read_secret():
+            raise ConfigError(
+                f"STOW-RS {self.url}: the first line of {self.basic_auth_file} must be "
+                "user:password."
+            )
+        if self.token_file is not None and not self.read_secret():
+            raise ConfigError(f"STOW-RS {self.url}: the token file {self.token_file} is empty.")
+        if not self.timeout > 0:
+            raise ConfigError(f"STOW-RS {self.url}: timeout must be a positive number of seconds.")
+
+    def read_secret(self) -> str:
+        """The first line of the credentials file ('' without one).
+
+        Raises
+        ------
+        ConfigError
+            When the file cannot be read.
+        """
+        path = self.basic_auth_file or self.token_file
+        if path is None:
+            return ""
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"STOW-RS {self.url}: cannot read {path} ({exc}).") from exc
+        return lines[0].strip() if lines else ""
+
+    @property
+    def auth(self) -> str:
+        """``"basic"``, ``"bearer"`` or ``"none"``."""
+        if self.basic_auth_file is not None:
+            return "basic"
+        return "bearer" if self.token_file is not None else "none"
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], root: Path) -> StowDestination:
+        """Build one from a ``[[stowrs]]`` table; relative paths are taken from ``root``.
+
+        Raises
+        ------
+        ConfigError
+            Unknown keys or malformed values.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown or "url" not in data:
+            raise ConfigError(
+                f"[[stowrs]]: needs url; unknown setting(s) {', '.join(sorted(unknown)) or '-'}; "
+                f"known: {', '.join(sorted(known))}."
+            )
+        values: dict[str, Any] = {"url": str(data["url"])}
+        for key in ("basic_auth_file", "token_file", "ca"):
+            if data.get(key):
+                p = Path(str(data[key])).expanduser()
+                values[key] = p if p.is_absolute() else root / p
+        if "timeout" in data:
+            values["timeout"] = float(data["timeout"])
+        return cls(**values)
+
+    def __str__(self) -> str:
+        return f"stowrs:{self.url}"
 
 
 @dataclass(frozen=True)
@@ -353,6 +475,8 @@ class SenderConfig:
         Calling AE title used towards destinations (default ``DICOMCOVID``).
     destinations : tuple of Destination
         DICOM nodes every result is sent to.
+    stowrs : tuple of StowDestination
+        DICOMweb STOW-RS servers every result is sent to (default none).
     output_dir : pathlib.Path or None
         Folder results are copied into (as ``<StudyInstanceUID>/<SOPInstanceUID>.dcm``); may be
         combined with destinations.
@@ -371,6 +495,7 @@ class SenderConfig:
 
     ae_title: str = DEFAULT_AE_TITLE
     destinations: tuple[Destination, ...] = ()
+    stowrs: tuple[StowDestination, ...] = ()
     output_dir: Path | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     poll_interval: float = 0.25
@@ -380,8 +505,10 @@ class SenderConfig:
     tls: TlsConfig | None = None
 
     def targets(self) -> tuple[str, ...]:
-        """Delivery target keys: ``AE@host:port`` per destination, ``dir:<path>`` for a folder."""
+        """Delivery target keys: ``AE@host:port`` per destination, ``stowrs:<url>`` per STOW-RS
+        server, ``dir:<path>`` for a folder."""
         out = [str(d) for d in self.destinations]
+        out += [str(d) for d in self.stowrs]
         if self.output_dir is not None:
             out.append(f"dir:{Path(self.output_dir).resolve()}")
         return tuple(out)
@@ -418,6 +545,11 @@ class WorkerConfig:
         keys of :class:`dicom_covid.abstention.AbstentionPolicy`: ``enabled``,
         ``uncertainty_margin``, ``ood_threshold``, ``lung_fraction``, ``min_pixel_std``,
         ``max_mode_fraction``, ``checks``). Empty: the model's own policy.
+    kos_for_suspected : bool
+        Also send a Key Object Selection document (title "Of Interest", its own series in the
+        same study) listing each image whose outcome is "suspected", for worklists that raise
+        the priority of studies with a KOS (default False). Never for "not suspected" or
+        "indeterminate".
     """
 
     bundle: Path | None = None
@@ -430,6 +562,7 @@ class WorkerConfig:
     disk_retry_base: float = 5.0
     disk_retry_max: float = 120.0
     abstention: dict[str, Any] = field(default_factory=dict)
+    kos_for_suspected: bool = False
 
     def __post_init__(self) -> None:
         from dicom_covid.abstention import AbstentionPolicy
@@ -457,8 +590,11 @@ class ServiceConfig:
         The listener.
     destinations : tuple of Destination
         Where results are sent. Default none.
+    stowrs : tuple of StowDestination
+        DICOMweb STOW-RS servers results are sent to. Default none.
     output_dir : pathlib.Path or None
-        Folder results are also written to. When there is no destination and no output folder,
+        Folder results are also written to. When there is no destination (DICOM or STOW-RS)
+        and no output folder,
         results go to ``<state_dir>/output``.
     quiet_period : float
         Seconds without a new instance after which a study becomes a job (default 5, like
@@ -481,6 +617,7 @@ class ServiceConfig:
     state_dir: Path = Path("dicom-covid-state")
     scp: ScpConfig = field(default_factory=ScpConfig)
     destinations: tuple[Destination, ...] = ()
+    stowrs: tuple[StowDestination, ...] = ()
     output_dir: Path | None = None
     quiet_period: float = 5.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -520,11 +657,12 @@ class ServiceConfig:
     def sender(self) -> SenderConfig:
         """The :class:`SenderConfig` implied by this configuration."""
         out = self.output_dir
-        if out is None and not self.destinations:
+        if out is None and not self.destinations and not self.stowrs:
             out = Path(self.state_dir) / "output"
         return SenderConfig(
             ae_title=self.scp.ae_title,
             destinations=self.destinations,
+            stowrs=self.stowrs,
             output_dir=out,
             retry=self.retry,
             acse_timeout=self.scp.acse_timeout,
@@ -600,7 +738,7 @@ class ServiceConfig:
         if "abstention" in data:
             worker_data["abstention"] = dict(data.pop("abstention") or {})
         top: dict[str, Any] = {}
-        for key in ("model", "bundle", "device", "explain"):
+        for key in ("model", "bundle", "device", "explain", "kos_for_suspected"):
             if key in data:
                 worker_data[key] = data.pop(key)
         for key, value in data.items():
@@ -608,6 +746,10 @@ class ServiceConfig:
                 top[key] = path(value)
             elif key == "destinations":
                 top[key] = tuple(Destination.parse(str(v)) for v in value)
+            elif key == "stowrs":
+                if isinstance(value, Mapping):
+                    value = [value]
+                top[key] = tuple(StowDestination.from_mapping(v, root) for v in value)
             elif key in ("quiet_period",):
                 top[key] = float(value)
             elif key == "keep_spool":

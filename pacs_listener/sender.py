@@ -1,33 +1,46 @@
-"""Delivery of results: C-STORE SCU to DICOM destinations, or a copy into an output folder.
+"""Delivery of results: C-STORE SCU to DICOM destinations, STOW-RS to DICOMweb servers, or a copy
+into an output folder.
 
-Each target (``AE@host:port`` or ``dir:<path>``) has its own thread, so a destination that is down
-does not hold up the others. A thread takes the target's due deliveries from the job store, sends
-them over one association, and marks each (result, target) delivered right after the destination
-confirmed it; a failed try is rescheduled with exponential backoff (:class:`RetryPolicy`) and
-dead-lettered after ``max_tries``. Results stay on disk until delivered, so an outage or a restart
-loses nothing, and a restart does not resend what was confirmed.
+Each target (``AE@host:port``, ``stowrs:<url>`` or ``dir:<path>``) has its own thread, so a
+destination that is down does not hold up the others. A thread takes the target's due
+deliveries from the job store, sends them over one association (or in STOW-RS requests of at
+most :data:`STOW_MAX_BYTES`), and marks each (result, target) delivered right after the
+destination confirmed it; a failed try is rescheduled with exponential backoff
+(:class:`RetryPolicy`) and dead-lettered after ``max_tries``. Results stay on disk until
+delivered, so an outage or a restart loses nothing, and a restart does not resend what was
+confirmed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pydicom
+import requests
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from dicom_covid.errors import DeliveryError
 
-from .config import Destination, SenderConfig, TlsConfig
+from .config import ConfigError, Destination, SenderConfig, StowDestination, TlsConfig
 from .jobs import Delivery, JobStore
 from .spool import atomic_copy, is_disk_full, safe_name
 
-__all__ = ["Sender", "client_ssl_context", "proposed_transfer_syntaxes", "send_files"]
+__all__ = [
+    "STOW_MAX_BYTES",
+    "Sender",
+    "client_ssl_context",
+    "proposed_transfer_syntaxes",
+    "send_files",
+    "stow_files",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +49,19 @@ _OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
 _DISK_FULL = "disk full:"
+
+#: Largest body of one STOW-RS request in bytes (a single larger file still goes alone).
+STOW_MAX_BYTES = 32 * 2**20
+#: What an HTTP status of a STOW-RS server means for the operator (PS3.18 table 10.5.3-1).
+_HTTP_HINTS = {
+    400: "the server could not parse the request",
+    404: "no STOW-RS resource at this URL; it usually ends in /studies (e.g. "
+    "http://host:8042/dicom-web/studies)",
+    405: "this URL does not accept POST; it usually ends in /studies",
+    413: "the request is too large for the server",
+    415: "the server does not accept application/dicom",
+    503: "the server is busy or unavailable",
+}
 
 
 def client_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -161,6 +187,169 @@ def send_files(
     return errors
 
 
+def _stow_auth(destination: StowDestination) -> dict[str, str]:
+    """HTTP headers of the destination's credentials (read from their file now)."""
+    import base64
+
+    secret = destination.read_secret()
+    if destination.auth == "basic":
+        return {"Authorization": "Basic " + base64.b64encode(secret.encode()).decode("ascii")}
+    if destination.auth == "bearer":
+        return {"Authorization": f"Bearer {secret}"}
+    return {}
+
+
+def _uids_in(answer: dict, tag: str) -> dict[str, int | None]:
+    """SOP Instance UIDs listed in a sequence of a STOW-RS answer, with their FailureReason."""
+    out: dict[str, int | None] = {}
+    for item in (answer.get(tag) or {}).get("Value") or []:
+        uid = ((item.get("00081155") or {}).get("Value") or [None])[0]
+        reason = ((item.get("00081197") or {}).get("Value") or [None])[0]
+        if uid:
+            out[str(uid)] = int(reason) if reason is not None else None
+    return out
+
+
+def _stow_request(
+    parts: Sequence[tuple[str, bytes]], destination: StowDestination, session: requests.Session
+) -> list[str | None]:
+    """POST one multipart/related body; per part, None when the server stored it."""
+    boundary = uuid.uuid4().hex
+    body = bytearray()
+    for _, data in parts:
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        body += data
+        body += b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    headers = {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Accept": "application/dicom+json",
+        **_stow_auth(destination),
+    }
+    try:
+        resp = session.post(
+            destination.url,
+            data=bytes(body),
+            headers=headers,
+            timeout=destination.timeout,
+            verify=str(destination.ca) if destination.ca else True,
+            allow_redirects=False,
+        )
+    except requests.exceptions.SSLError as exc:
+        raise DeliveryError(
+            f"{destination}: TLS failed ({exc.__class__.__name__}); check its certificate and "
+            "the ca file"
+        ) from exc
+    except requests.exceptions.RequestException as exc:
+        raise DeliveryError(
+            f"{destination} could not be reached ({exc.__class__.__name__}); check that it is "
+            "running"
+        ) from exc
+    code = resp.status_code
+    if code in (401, 403):
+        if destination.auth == "none":
+            fix = "give a basic-auth file (user:password) or a bearer token file"
+        else:
+            which = destination.basic_auth_file or destination.token_file
+            fix = f"check the {destination.auth} credentials in {which}"
+        raise DeliveryError(
+            f"{destination} refused our credentials (HTTP {code} {resp.reason}); {fix}"
+        )
+    if code not in (200, 202, 409):
+        hint = _HTTP_HINTS.get(code, "unexpected answer")
+        raise DeliveryError(f"{destination} answered HTTP {code} {resp.reason}: {hint}")
+    try:
+        answer = json.loads(resp.content) if resp.content else {}
+        if isinstance(answer, list):  # some servers wrap the data set in a list
+            answer = answer[0] if answer else {}
+    except ValueError:
+        answer = {}
+    stored = _uids_in(answer, "00081199")
+    failed = _uids_in(answer, "00081198")
+    errors: list[str | None] = []
+    for uid, _ in parts:
+        if uid in failed:
+            reason = failed[uid]
+            errors.append(
+                f"{destination} did not store it (HTTP {code}, failure reason "
+                + (f"0x{reason:04X})" if reason is not None else "not given)")
+            )
+        elif uid in stored or (code == 200 and not stored and not failed):
+            errors.append(None)  # 200 means every instance was stored (PS3.18 10.5.3)
+        else:
+            errors.append(f"{destination} did not confirm it (HTTP {code})")
+    return errors
+
+
+def stow_files(
+    paths: Sequence[Path],
+    destination: StowDestination,
+    on_result: Callable[[int, str | None], None] | None = None,
+    max_bytes: int = STOW_MAX_BYTES,
+) -> list[str | None]:
+    """Send DICOM files to a DICOMweb server with STOW-RS (PS3.18 section 10.5).
+
+    The files go in ``multipart/related; type="application/dicom"`` POST requests of at most
+    ``max_bytes`` each (a larger single file goes alone). An instance counts as delivered when
+    the answer lists it in its Referenced SOP Sequence (or, for HTTP 200 without a list, when
+    the server stored everything).
+
+    Parameters
+    ----------
+    paths : sequence of pathlib.Path
+        DICOM Part 10 files.
+    destination : StowDestination
+        The STOW-RS resource and its credentials.
+    on_result : callable, optional
+        Called as ``on_result(index, error)`` for each file as soon as its request was answered,
+        so the caller can commit each confirmation at once.
+    max_bytes : int
+        Largest body of one request (default :data:`STOW_MAX_BYTES`).
+
+    Returns
+    -------
+    list of (str or None)
+        Per file: None when the server stored it, else what went wrong.
+
+    Raises
+    ------
+    DeliveryError
+        When the server cannot be reached, refuses the credentials (HTTP 401/403) or answers
+        with an error status; files answered before stay settled through ``on_result``.
+    """
+    errors: list[str | None] = [None] * len(paths)
+    batches: list[list[tuple[int, str, bytes]]] = [[]]
+    size = 0
+    for i, p in enumerate(paths):
+        try:
+            data = Path(p).read_bytes()
+            uid = str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        except Exception as exc:  # the result file itself is unreadable
+            errors[i] = f"cannot read {Path(p).name}: {type(exc).__name__}: {exc}"
+            if on_result is not None:
+                on_result(i, errors[i])
+            continue
+        if batches[-1] and size + len(data) > max_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append((i, uid, data))
+        size += len(data)
+    try:
+        with requests.Session() as session:
+            session.trust_env = False  # no proxy or netrc from the environment
+            for batch in batches:
+                if not batch:
+                    continue
+                answers = _stow_request([(u, d) for _, u, d in batch], destination, session)
+                for (i, _, _), error in zip(batch, answers, strict=True):
+                    errors[i] = error
+                    if on_result is not None:
+                        on_result(i, error)
+    except ConfigError as exc:  # the credentials file went away
+        raise DeliveryError(str(exc)) from exc
+    return errors
+
+
 class Sender:
     """Delivers due results to every configured target until stopped.
 
@@ -191,6 +380,7 @@ class Sender:
         self._wake = {t: threading.Event() for t in config.targets()}
         self._threads: list[threading.Thread] = []
         self._destinations = {str(d): d for d in config.destinations}
+        self._stowrs = {str(d): d for d in config.stowrs}
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -281,6 +471,16 @@ class Sender:
                     )
                     continue
                 settle(i, error)
+        elif target.startswith("stowrs:"):
+            try:
+                errors = stow_files([d.path for d in due], self._stowrs[target], on_result=settle)
+            except DeliveryError as exc:
+                errors = [str(exc)] * len(due)
+            except Exception as exc:
+                errors = [f"{type(exc).__name__}: {exc}"] * len(due)
+            for i, error in enumerate(errors):
+                if i not in settled:
+                    settle(i, error)
         else:
             dest = self._destinations[target]
             # each confirmation is committed as soon as it arrives (not after the batch), so a

@@ -213,6 +213,9 @@ class JobProcessor:
         Free space the results folder must keep after an image's results (default 0).
     disk_retry : tuple of float
         ``(base, max)`` seconds of the backoff of a job waiting for disk space.
+    kos_for_suspected : bool
+        Also write a Key Object Selection (kind ``"ko"``, :func:`dicom_covid.results.kos.
+        build_kos`) for each image whose outcome is "suspected" (default False).
     """
 
     def __init__(
@@ -224,6 +227,7 @@ class JobProcessor:
         limits: ReaderConfig | None = None,
         min_free_bytes: int = 0,
         disk_retry: tuple[float, float] = (5.0, 120.0),
+        kos_for_suspected: bool = False,
     ) -> None:
         self.store = store
         self.results_dir = ensure_private_dir(Path(results_dir))
@@ -232,6 +236,7 @@ class JobProcessor:
         self.limits = limits or ReaderConfig()
         self.min_free_bytes = min_free_bytes
         self.disk_retry = disk_retry
+        self.kos_for_suspected = kos_for_suspected
 
     def process(self, job: Job) -> str:
         """Analyse every grouped image of ``job``; return the job's new state."""
@@ -311,8 +316,12 @@ class JobProcessor:
             self.store.set_instance_state(sop, "inferred")
             files = []
             folder = ensure_private_dir(self.results_dir / str(job.id) / safe_name(sop))
-            for kind in ("sr", "sc"):
-                obj = getattr(result, kind)
+            objects = {"sr": result.sr, "sc": result.sc}
+            if self.kos_for_suspected and result.prediction.outcome == "suspected":
+                from dicom_covid.results.kos import build_kos
+
+                objects["ko"] = build_kos(ds, result.prediction)
+            for kind, obj in objects.items():
                 path = atomic_write(folder / f"{kind}.dcm", _encode(obj))
                 files.append(
                     ResultFile(kind, str(obj.SOPInstanceUID), str(obj.StudyInstanceUID), path)
@@ -437,6 +446,7 @@ def worker_main(
         limits,
         min_free_bytes=config.results_min_free_bytes,
         disk_retry=(wc.disk_retry_base, wc.disk_retry_max),
+        kos_for_suspected=wc.kos_for_suspected,
     )
     unsettled: Job | None = None  # a job whose state could not be recorded (disk full)
     pause = 0.0

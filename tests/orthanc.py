@@ -11,6 +11,7 @@ setting; ``RemoteAccessAllowed`` stays false so its REST API only answers on loo
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import shutil
@@ -26,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "orthanc"
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+#: Orthanc's DICOMweb plugin as the Debian package ``orthanc-dicomweb`` installs it.
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
 def _free_port() -> int:
@@ -39,6 +42,11 @@ def available() -> bool:
     return Path(ORTHANC).is_file()
 
 
+def dicomweb_available() -> bool:
+    """True when Orthanc and its DICOMweb plugin are installed."""
+    return available() and DICOMWEB_PLUGIN.is_file()
+
+
 @dataclass
 class Orthanc:
     """A running Orthanc: its ports, AE title and a tiny REST client."""
@@ -48,6 +56,7 @@ class Orthanc:
     aet: str
     folder: Path
     process: subprocess.Popen
+    auth: tuple[str, str] | None = None  # (user, password) when authentication is on
 
     @property
     def url(self) -> str:
@@ -58,6 +67,9 @@ class Orthanc:
         if body is not None:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
+        if self.auth is not None:
+            token = base64.b64encode(":".join(self.auth).encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.read()
 
@@ -93,8 +105,14 @@ def write_config(
     dicom_port: int,
     stable_age: int = 1,
     lua: bool = True,
+    dicomweb: bool = False,
+    users: dict[str, str] | None = None,
 ) -> Path:
-    """Write the deploy configuration adapted to a test into ``folder``; return its path."""
+    """Write the deploy configuration adapted to a test into ``folder``; return its path.
+
+    ``dicomweb`` loads the DICOMweb plugin (STOW-RS at ``/dicom-web/studies``); ``users``
+    (name: password) turns on HTTP basic authentication of the REST API and DICOMweb.
+    """
     cfg = json.loads((DEPLOY / "orthanc.json").read_text())
     storage = folder / "storage"
     storage.mkdir(parents=True, exist_ok=True)
@@ -107,8 +125,13 @@ def write_config(
         StableAge=stable_age,
         LuaScripts=[str(DEPLOY / "forward.lua")] if lua else [],
         RemoteAccessAllowed=False,
-        AuthenticationEnabled=False,
+        AuthenticationEnabled=bool(users),
     )
+    if users:
+        cfg["RegisteredUsers"] = dict(users)
+    if dicomweb:
+        cfg["Plugins"] = [str(DICOMWEB_PLUGIN)]
+        cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
     cfg["DicomModalities"]["dicomcovid"]["Port"] = dicomcovid_port
     cfg["DicomModalities"]["dicomcovid"]["Host"] = "127.0.0.1"
     path = folder / "orthanc.json"
@@ -118,7 +141,13 @@ def write_config(
 
 @contextlib.contextmanager
 def running_orthanc(
-    folder: Path, dicomcovid_port: int, stable_age: int = 1, lua: bool = True, timeout: float = 60.0
+    folder: Path,
+    dicomcovid_port: int,
+    stable_age: int = 1,
+    lua: bool = True,
+    timeout: float = 60.0,
+    dicomweb: bool = False,
+    users: dict[str, str] | None = None,
 ) -> Iterator[Orthanc]:
     """Start Orthanc with the deploy configuration, wait for ``/system``, stop it afterwards.
 
@@ -134,15 +163,20 @@ def running_orthanc(
         Load ``deploy/orthanc/forward.lua``.
     timeout : float
         Seconds to wait for the REST API.
+    dicomweb, users : bool, dict
+        Load the DICOMweb plugin; basic-auth users (see :func:`write_config`).
     """
     folder.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = _free_port(), _free_port()
-    config = write_config(folder, dicomcovid_port, http_port, dicom_port, stable_age, lua)
+    config = write_config(
+        folder, dicomcovid_port, http_port, dicom_port, stable_age, lua, dicomweb, users
+    )
     log = (folder / "orthanc.log").open("wb")
     proc = subprocess.Popen(
         [ORTHANC, str(config)], stdout=log, stderr=subprocess.STDOUT, cwd=folder
     )
-    pacs = Orthanc(http_port, dicom_port, "ORTHANC", folder, proc)
+    auth = next(iter(users.items())) if users else None
+    pacs = Orthanc(http_port, dicom_port, "ORTHANC", folder, proc, auth)
     try:
         deadline = time.monotonic() + timeout
         while True:

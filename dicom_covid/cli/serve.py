@@ -102,6 +102,52 @@ def serve(
             rich_help_panel=_PANEL_DELIVERY,
         ),
     ] = None,
+    destination_stowrs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--destination-stowrs",
+            help="DICOMweb STOW-RS URL results are also sent to, e.g. "
+            "http://127.0.0.1:8042/dicom-web/studies. Repeatable; retried like --destination.",
+            rich_help_panel=_PANEL_DELIVERY,
+        ),
+    ] = None,
+    stowrs_basic_auth_file: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="File whose first line is user:password: HTTP basic auth towards "
+            "--destination-stowrs.",
+            rich_help_panel=_PANEL_DELIVERY,
+        ),
+    ] = None,
+    stowrs_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="File whose first line is a bearer token for --destination-stowrs.",
+            rich_help_panel=_PANEL_DELIVERY,
+        ),
+    ] = None,
+    stowrs_ca: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="PEM CA bundle for https --destination-stowrs (default: system trust store).",
+            rich_help_panel=_PANEL_DELIVERY,
+        ),
+    ] = None,
+    kos_for_suspected: Annotated[
+        bool | None,
+        typer.Option(
+            "--kos-for-suspected/--no-kos-for-suspected",
+            help="Also send a Key Object Selection document ('Of Interest') listing each image "
+            "whose outcome is 'suspected', for worklists that read KOS (default off).",
+            rich_help_panel=_PANEL_DELIVERY,
+        ),
+    ] = None,
     output_dir: Annotated[
         Path | None,
         typer.Option(
@@ -252,10 +298,11 @@ def serve(
 
     A PACS (e.g. Orthanc, see deploy/orthanc/) forwards studies by C-STORE. Every frontal CR/DX
     image of a study (once no image arrived for --quiet-period seconds) is analysed in a worker
-    process; one Comprehensive SR and one Grad-CAM Secondary Capture per image go to each
-    --destination (retried with backoff while it is down), or to --output-dir. Everything is kept
-    in --state-dir, so a restart resumes unfinished work; a result is delivered at least once,
-    always with the same SOP Instance UIDs (a PACS keeps one copy). Runs
+    process; one Comprehensive SR and one Grad-CAM Secondary Capture per image (and, with
+    --kos-for-suspected, a Key Object Selection for a suspected image) go to each --destination
+    and --destination-stowrs (retried with backoff while it is down), or to --output-dir.
+    Everything is kept in --state-dir, so a restart resumes unfinished work; a result is
+    delivered at least once, always with the same SOP Instance UIDs (a PACS keeps one copy). Runs
     until SIGINT/SIGTERM. Logs never contain patient names or IDs.
     RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE.
     """
@@ -266,6 +313,7 @@ def serve(
         AllowedCaller,
         Destination,
         ServiceConfig,
+        StowDestination,
         TlsConfig,
         load_toml,
     )
@@ -299,6 +347,21 @@ def serve(
         top: dict = {}
         if destination:
             top["destinations"] = tuple(Destination.parse(d) for d in destination)
+        if destination_stowrs:
+            top["stowrs"] = tuple(
+                StowDestination(
+                    url,
+                    basic_auth_file=stowrs_basic_auth_file,
+                    token_file=stowrs_token_file,
+                    ca=stowrs_ca,
+                )
+                for url in destination_stowrs
+            )
+        elif stowrs_basic_auth_file or stowrs_token_file or stowrs_ca:
+            raise typer.BadParameter(
+                "--stowrs-basic-auth-file, --stowrs-token-file and --stowrs-ca apply to "
+                "--destination-stowrs; give the URL too."
+            )
         for key, value in (
             ("state_dir", state_dir),
             ("output_dir", output_dir),
@@ -320,7 +383,12 @@ def serve(
         }
         worker_changes = {
             k: v
-            for k, v in (("model", model), ("bundle", bundle), ("device", device))
+            for k, v in (
+                ("model", model),
+                ("bundle", bundle),
+                ("device", device),
+                ("kos_for_suspected", kos_for_suspected),
+            )
             if v is not None
         }
         cfg = cfg.override(scp=scp_changes, retry=retry_changes, worker=worker_changes, **top)
