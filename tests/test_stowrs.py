@@ -5,7 +5,7 @@ No model is needed: result files are recorded in a real job store and the real
 stopped in the middle (an outage: the tries fail, are rescheduled with backoff and delivered when
 it is back), answers 401 to wrong or missing credentials (reported by name of the credentials
 file, and dead-lettered after ``max_tries``), and must hold every result in the right study.
-The whole service with ``--destination-stowrs`` is run end to end in ``tests/test_kos.py``.
+``tests/test_kos.py`` sends a real worker's SR, SC and KOS the same way.
 """
 
 from __future__ import annotations
