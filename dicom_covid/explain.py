@@ -15,6 +15,15 @@ each member network (each with its own target layer and input size) and averages
 :meth:`Explainer.cam` the members' CAMs resampled to the largest member input size. The mean is
 not rescaled, so a region that only some members look at stays cooler than one they all agree on.
 
+One pass: :meth:`Explainer.predict_and_explain` gives the prediction (with the abstention
+decision, exactly as :meth:`Predictor.predict <dicom_covid.inference.Predictor.predict>` gives it)
+and the heat map from the same forward pass. Hooks on the CAM layer keep its activations; the
+forward runs without an autograd graph up to that layer and records one only from there to the
+logits, so the backward pass for the CAM covers the head alone and no weight gets a gradient.
+:meth:`Explainer.cam` and :meth:`Explainer.heatmap` use the same pass. The CAM itself is computed
+from those activations and gradients by the ``grad-cam`` package's own formulas, so the maps equal
+what ``pytorch_grad_cam`` gives with its own forward and backward.
+
 Besides the heat map this module gives an RGB :func:`overlay` for display and
 :func:`hot_region_outline`, a closed polygon around the hottest region, used as the region of
 the DICOM SR. RESEARCH USE ONLY: a heat map shows what a model looked at, not where disease is.
@@ -23,7 +32,10 @@ the DICOM SR. RESEARCH USE ONLY: a heat map shows what a model looked at, not wh
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +46,7 @@ from .errors import BundleError
 
 if TYPE_CHECKING:
     from .inference import Predictor
+    from .prediction import Prediction
     from .reader import XrayImage
 
 __all__ = ["CAM_METHODS", "Explainer", "hot_region_outline", "overlay", "resolve_layer"]
@@ -100,9 +113,9 @@ class Explainer:
 
     Notes
     -----
-    Hooks are attached to the network only while :meth:`heatmap` runs, so the predictor can be
-    used for plain inference in between; do not run :meth:`heatmap` and inference on the same
-    predictor from two threads at once.
+    Hooks are attached to the network only while :meth:`predict_and_explain`, :meth:`cam` or
+    :meth:`heatmap` runs, so the predictor can be used for plain inference in between; do not
+    run them and inference on the same predictor from two threads at once.
     """
 
     def __init__(self, predictor: Predictor, method: str = "gradcam") -> None:
@@ -117,6 +130,9 @@ class Explainer:
         self.method = key
         self.last_box: tuple[float, float, float, float] | None = None
         self._cam_class = getattr(pytorch_grad_cam, CAM_METHODS[key])
+        # The method's formulas only (get_cam_image / get_cam_weights), without the hooks,
+        # forward and backward that the class's constructor and __call__ would add.
+        self._cam_method = _formulas(self._cam_class)
         #: One explainer per member network of an ensemble; empty for a single model.
         self.members: list[Explainer] = []
         if getattr(predictor, "is_ensemble", False):
@@ -129,6 +145,105 @@ class Explainer:
             return
         self.layer_name = predictor.facts.gradcam_layer
         self.layer = resolve_layer(predictor.model, self.layer_name)
+
+    def _networks(self) -> list[Explainer]:
+        """The explainers of the single networks: the members, or ``[self]``."""
+        return self.members or [self]
+
+    def _target_index(self, target: str) -> int:
+        labels = list(self.predictor.labels)
+        if target not in labels:
+            raise ValueError(f"unknown target {target!r}; the model's labels are {labels}")
+        return labels.index(target)
+
+    @contextmanager
+    def _one_pass(self) -> Iterator[list[_CamProbe]]:
+        """Hooks on the CAM layer and the output of every network while the block runs."""
+        probes = [_CamProbe(e.predictor.model, e.layer) for e in self._networks()]
+        try:
+            yield probes
+        finally:
+            for probe in probes:
+                probe.remove()
+
+    def _cams(self, probe: _CamProbe, index: int, infos: Sequence[dict]) -> list[np.ndarray]:
+        """CAMs ``(S, S)`` of one network, per image, from the tensors of a finished pass."""
+        cams: list[np.ndarray] = []
+        for acts, logits, size in zip(probe.activations, probe.logits, probe.sizes, strict=True):
+            (grads,) = torch.autograd.grad(logits[:, index].sum(), acts)
+            a = acts.detach().float().cpu().numpy()
+            g = grads.float().cpu().numpy()
+            raw = self._cam_method.get_cam_image(None, self.layer, None, a, g, False)
+            cams.extend(_scale_like_grad_cam(raw, size))
+        probe.clear()
+        if len(cams) != len(infos):
+            raise RuntimeError(f"{len(cams)} CAMs from a pass over {len(infos)} images")
+        return cams
+
+    @torch.no_grad()
+    def _forward(self, images: Sequence[XrayImage], batch_size: int) -> list[dict]:
+        """The network's forward pass alone (no probabilities): the preprocessing facts."""
+        infos: list[dict] = []
+        for i in range(0, len(images), batch_size):
+            prepared = [self.predictor.prepared(im) for im in images[i : i + batch_size]]
+            x = torch.stack([p[0] for p in prepared]).to(self.predictor.device)
+            x = x.as_tensor() if hasattr(x, "as_tensor") else x  # never a MetaTensor
+            self.predictor.model(x)
+            infos.extend(p[1] for p in prepared)
+        return infos
+
+    def _explain(
+        self, images: Sequence[XrayImage], target: str, batch_size: int, predict: bool
+    ) -> tuple[list[Prediction] | None, list[list[np.ndarray]], list[list[Any]]]:
+        """One pass over ``images``: predictions (or None) and, per network, CAMs and boxes.
+
+        With ``predict`` the pass is :meth:`Predictor.predict_batch` (probabilities, features
+        for the out-of-distribution check, abstention); without, the networks' forward alone.
+        """
+        index = self._target_index(target)
+        nets = self._networks()
+        with self._one_pass() as probes:
+            if predict:
+                predictions = self.predictor.predict_batch(images, batch_size)
+                infos = [list(e.predictor.last_infos) for e in nets]
+            else:
+                predictions = None
+                infos = [e._forward(images, batch_size) for e in nets]
+            cams = [e._cams(p, index, i) for e, p, i in zip(nets, probes, infos, strict=True)]
+        boxes = [[info.get("lung_box") for info in net_infos] for net_infos in infos]
+        return predictions, cams, boxes
+
+    def predict_and_explain(
+        self, images: Sequence[XrayImage], target: str = "covid", batch_size: int = 16
+    ) -> list[tuple[Prediction, np.ndarray]]:
+        """Classify images and explain them from the same forward pass.
+
+        Parameters
+        ----------
+        images : sequence of XrayImage
+            The radiographs.
+        target : str
+            Class label whose score is explained (default ``"covid"``).
+        batch_size : int
+            Images per forward pass.
+
+        Returns
+        -------
+        list of (Prediction, numpy.ndarray)
+            Per image, the prediction (with the abstention decision, the same as
+            :meth:`Predictor.predict <dicom_covid.inference.Predictor.predict>` gives) and the
+            heat map as :meth:`heatmap` gives it (``float32``, the image's shape, ``[0, 1]``).
+
+        Raises
+        ------
+        ValueError
+            When ``target`` is not a label of the model.
+        """
+        images = list(images)
+        predictions, cams, boxes = self._explain(images, target, batch_size, predict=True)
+        assert predictions is not None
+        heats = [self._heat(image, cams, boxes, i) for i, image in enumerate(images)]
+        return list(zip(predictions, heats, strict=True))
 
     def cam(self, image: XrayImage, target: str = "covid") -> np.ndarray:
         """CAM at the network's input resolution, ``float32 (S, S)`` in ``[0, 1]``.
@@ -146,30 +261,17 @@ class Explainer:
             For an ensemble, ``(S, S)`` with ``S`` the largest member input size: the mean of the
             members' CAMs, each resized bilinearly to ``S x S``.
         """
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-        labels = list(self.predictor.labels)
-        if target not in labels:
-            raise ValueError(f"unknown target {target!r}; the model's labels are {labels}")
-        if self.members:
-            total = torch.zeros((1, 1, self._size, self._size))
-            for member in self.members:
-                total += _resize(member.cam(image, target), (self._size, self._size))
-            return (total[0, 0] / len(self.members)).clamp_(0.0, 1.0).numpy()
-        model = self.predictor.model
-        x, info = self.predictor.prepared(image)
-        #: Where the network input lies on the source (fractions top, bottom, left, right);
-        #: None when it covers the whole image (no lung crop).
-        self.last_box = info.get("lung_box")
-        x = x[None].to(self.predictor.device)
-        x = x.as_tensor() if hasattr(x, "as_tensor") else x  # plain tensor, never a MetaTensor
-        # Gradients must reach the target layer even where parameters are frozen.
-        x = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad(), self._cam_class(model=model, target_layers=[self.layer]) as cam:
-            grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(labels.index(target))])
-        model.zero_grad(set_to_none=True)
-        out = np.nan_to_num(np.asarray(grayscale[0], dtype=np.float32), nan=0.0)
-        return np.clip(out, 0.0, 1.0)
+        _, cams, boxes = self._explain([image], target, 1, predict=False)
+        if not self.members:
+            #: Where the network input lies on the source (fractions top, bottom, left, right);
+            #: None when it covers the whole image (no lung crop).
+            self.last_box = boxes[0][0]
+            return cams[0][0]
+        total = torch.zeros((1, 1, self._size, self._size))
+        for member, member_cams, member_boxes in zip(self.members, cams, boxes, strict=True):
+            member.last_box = member_boxes[0]
+            total += _resize(member_cams[0], (self._size, self._size))
+        return (total[0, 0] / len(self.members)).clamp_(0.0, 1.0).numpy()
 
     def heatmap(self, image: XrayImage, target: str = "covid") -> np.ndarray:
         """Heat map at the source image's resolution.
@@ -187,36 +289,117 @@ class Explainer:
             ``float32`` array of shape ``image.shape`` with values in ``[0, 1]`` (1 = hottest).
             For an ensemble, the mean of the members' heat maps.
         """
-        rows, cols = image.shape
-        if self.members:
-            heat = self.members[0].heatmap(image, target)
-            for member in self.members[1:]:
-                heat += member.heatmap(image, target)
-            heat /= len(self.members)
-            np.clip(heat, 0.0, 1.0, out=heat)
-        else:
-            small = self.cam(image, target)
-            if self.last_box is None:
-                big = _resize(small, (rows, cols))
-                heat = big[0, 0].clamp_(0.0, 1.0).numpy().astype(np.float32, copy=False)
-            else:
-                # The network saw the lung crop only: its map goes back inside the crop box.
-                t, b, left, r = self.last_box
-                t, b = round(t * rows), max(round(b * rows), round(t * rows) + 1)
-                left = round(left * cols)
-                r = max(round(r * cols), left + 1)
-                heat = np.zeros((rows, cols), dtype=np.float32)
-                inner = _resize(small, (b - t, r - left))[0, 0].clamp_(0.0, 1.0).numpy()
-                heat[t:b, left:r] = inner
+        _, cams, boxes = self._explain([image], target, 1, predict=False)
+        heat = self._heat(image, cams, boxes, 0)
         logger.debug(
             "%s heat map %dx%d for %s (max %.3f)",
             self.method,
-            rows,
-            cols,
+            *image.shape,
             target,
             float(heat.max()),
         )
         return heat
+
+    def _heat(
+        self, image: XrayImage, cams: list[list[np.ndarray]], boxes: list[list[Any]], i: int
+    ) -> np.ndarray:
+        """Heat map of image ``i`` of a pass from each network's CAM and lung box."""
+        nets = self._networks()
+        for net, net_boxes in zip(nets, boxes, strict=True):
+            net.last_box = net_boxes[i]
+        heat = _place(cams[0][i], image.shape, boxes[0][i])
+        if len(nets) > 1:
+            for net_cams, net_boxes in zip(cams[1:], boxes[1:], strict=True):
+                heat += _place(net_cams[i], image.shape, net_boxes[i])
+            heat /= len(nets)
+            np.clip(heat, 0.0, 1.0, out=heat)
+        return heat
+
+
+class _CamProbe:
+    """Hooks of one pass on one network: CAM-layer activations and logits with a short graph.
+
+    The forward runs under ``torch.no_grad`` (as :meth:`Predictor.analyse` does). At the CAM
+    layer the hook turns gradients on and hands the rest of the network a detached copy of the
+    activations that requires grad, so the graph starts there; at the network's output the
+    second hook keeps the logits (with that graph), turns gradients off again and passes on
+    detached logits. The ``no_grad`` context restores the mode in any case when it exits.
+    """
+
+    def __init__(self, model: nn.Module, layer: nn.Module | None) -> None:
+        if layer is None:
+            raise BundleError("a CAM probe needs the network's Grad-CAM layer")
+        self.activations: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+        #: ``(width, height)`` of the network input of each batch (the CAM's output size).
+        self.sizes: list[tuple[int, int]] = []
+        self._handles = [
+            layer.register_forward_hook(self._at_layer),
+            model.register_forward_hook(self._at_output),
+        ]
+
+    def _at_layer(self, _module: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+        torch.set_grad_enabled(True)
+        acts = out.detach().requires_grad_(True)
+        self.activations.append(acts)
+        return acts
+
+    def _at_output(self, _module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        self.logits.append(out)
+        self.sizes.append((int(args[0].shape[-1]), int(args[0].shape[-2])))
+        torch.set_grad_enabled(False)
+        return out.detach()
+
+    def clear(self) -> None:
+        """Drop the tensors (and graphs) of the pass."""
+        self.activations.clear()
+        self.logits.clear()
+        self.sizes.clear()
+
+    def remove(self) -> None:
+        """Remove the hooks and drop the tensors."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.clear()
+
+
+def _formulas(cam_class: type) -> Any:
+    """An object with ``cam_class``'s CAM formulas and nothing else (no hooks, no model)."""
+    empty = {"__init__": lambda self: None, "__del__": lambda self: None}
+    return type(f"{cam_class.__name__}Formulas", (cam_class,), empty)()
+
+
+def _scale_like_grad_cam(raw: np.ndarray, size: tuple[int, int]) -> list[np.ndarray]:
+    """``pytorch_grad_cam``'s post-processing of a batch of raw CAMs ``(B, h, w)``.
+
+    ReLU, min-max scaling and resize to ``size = (width, height)``
+    (``BaseCAM.compute_cam_per_layer``), the
+    mean over the one target layer and a second min-max scaling (``aggregate_multi_layers``),
+    then NaN to 0 and clipping to ``[0, 1]`` as :meth:`Explainer.cam` always did.
+    """
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    scaled = scale_cam_image(np.maximum(raw, 0), size)[:, None, :]
+    cam = scale_cam_image(np.mean(np.maximum(scaled, 0), axis=1))
+    cam = np.nan_to_num(np.asarray(cam, dtype=np.float32), nan=0.0)
+    return list(np.clip(cam, 0.0, 1.0))
+
+
+def _place(small: np.ndarray, shape: tuple[int, int], box: Any) -> np.ndarray:
+    """A network-input CAM placed on a ``shape`` image: whole image, or inside the lung box."""
+    rows, cols = shape
+    if box is None:
+        big = _resize(small, (rows, cols))
+        return big[0, 0].clamp_(0.0, 1.0).numpy().astype(np.float32, copy=False)
+    # The network saw the lung crop only: its map goes back inside the crop box.
+    t, b, left, r = box
+    t, b = round(t * rows), max(round(b * rows), round(t * rows) + 1)
+    left = round(left * cols)
+    r = max(round(r * cols), left + 1)
+    heat = np.zeros((rows, cols), dtype=np.float32)
+    heat[t:b, left:r] = _resize(small, (b - t, r - left))[0, 0].clamp_(0.0, 1.0).numpy()
+    return heat
 
 
 def _resize(cam: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -234,11 +417,32 @@ def _jet(values: np.ndarray) -> np.ndarray:
     return np.clip(1.5 - np.abs(4.0 * v - 4.0 * centres), 0.0, 1.0)
 
 
+@lru_cache(maxsize=8)
+def _overlay_lut(alpha: float) -> np.ndarray:
+    """``uint8 (256, 256, 3)``: the overlay colour of (heat level, gray level), both 0..255."""
+    level = np.arange(256, dtype=np.float64) / 255.0
+    weight = (alpha * np.sqrt(level))[:, None, None]  # by heat
+    colour = _jet(level)[:, None, :]  # by heat
+    gray = level[None, :, None]
+    lut = np.round(((1.0 - weight) * gray + weight * colour) * 255.0).astype(np.uint8)
+    lut.flags.writeable = False
+    return lut
+
+
+def _levels(values: np.ndarray) -> np.ndarray:
+    """``values`` in ``[0, 1]`` (NaN as 0) as ``uint8`` levels 0..255 (rounded)."""
+    out = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)  # a copy
+    np.clip(out, 0.0, 1.0, out=out)
+    out *= 255.0
+    return np.rint(out, out=out).astype(np.uint8)
+
+
 def overlay(image: XrayImage | np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """Blend a heat map in a jet colour map over the grayscale radiograph.
 
     The colour is weighted by the heat (``alpha * sqrt(heat)``) so that cold regions keep the
-    plain radiograph and hot regions turn yellow to red.
+    plain radiograph and hot regions turn yellow to red. Heat and gray are quantised to 256
+    levels and the blend is one look-up in a ``256 x 256`` colour table per pixel (vectorised).
 
     Parameters
     ----------
@@ -267,11 +471,7 @@ def overlay(image: XrayImage | np.ndarray, heatmap: np.ndarray, alpha: float = 0
         )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    heat = np.clip(np.nan_to_num(heat), 0.0, 1.0)
-    gray = np.clip(pixels, 0.0, 1.0)[..., None]
-    weight = (alpha * np.sqrt(heat))[..., None]
-    rgb = (1.0 - weight) * gray + weight * _jet(heat)
-    return np.round(rgb * 255.0).astype(np.uint8)
+    return _overlay_lut(float(alpha))[_levels(heat), _levels(pixels)]
 
 
 def hot_region_outline(

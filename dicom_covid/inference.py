@@ -263,6 +263,10 @@ class Predictor:
 
         Each dict holds ``ood_distance`` (None without statistics), ``lung_fraction`` (None
         when the pipeline did not segment the lungs) and the preprocessing facts.
+
+        Runs under ``torch.no_grad`` (not ``inference_mode``): the Grad-CAM of
+        :meth:`Explainer.predict_and_explain <dicom_covid.explain.Explainer.predict_and_explain>`
+        records a graph from its layer on during this same forward.
         """
         if self.is_ensemble:
             if not len(images):
@@ -312,6 +316,9 @@ class Predictor:
                     }
                 )
         probs = np.concatenate(out) if out else np.zeros((0, len(self.labels)))
+        #: The per-image facts of the last :meth:`analyse` call (the Grad-CAM of the same pass
+        #: places its map with their ``lung_box``, see :mod:`dicom_covid.explain`).
+        self.last_infos = infos
         return probs, infos
 
     def _lung_fraction(self, image: XrayImage) -> float | None:

@@ -547,11 +547,12 @@ these reasons, listed in the TEXT item:
 #### 8.1.2 Secondary Capture Image
 
 Series Number {SC_SERIES_NUMBER}, Series Description "{SC_SERIES_DESCRIPTION}". An RGB image
-(Photometric Interpretation RGB, 8 bits) at the source's resolution: the radiograph in gray with
-the Grad-CAM heat map in a jet colour map, and burned-in text "NOT FOR DIAGNOSTIC USE -
-RESEARCH ONLY", the outcome with P(COVID-19) and the threshold, the software, model and bundle
-version. Burned In Annotation YES, Image Type DERIVED\\SECONDARY, Conversion Type WSD, Source
-Image Sequence referencing the radiograph.
+(Photometric Interpretation RGB, 8 bits) at a display resolution (the source's aspect ratio, long
+side at most 1024 pixels; Pixel Spacing, when the source has one, scaled to the SC's matrix): the
+radiograph in gray with the Grad-CAM heat map in a jet colour map, and burned-in text "NOT FOR
+DIAGNOSTIC USE - RESEARCH ONLY", the outcome with P(COVID-19) and the threshold, the software,
+model and bundle version. Burned In Annotation YES, Image Type DERIVED\\SECONDARY, Conversion
+Type WSD, Source Image Sequence referencing the radiograph.
 
 #### 8.1.3 Key Object Selection Document (optional)
 

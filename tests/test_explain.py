@@ -199,3 +199,80 @@ def test_overlay_colours_hot_regions_only():
         overlay(image, heat[:-1])
     with pytest.raises(ValueError):
         overlay(image, heat, alpha=2)
+
+
+# --- one pass: prediction and CAM from the same forward ---------------------------------------
+
+
+def _two_pass_heatmap(predictor: Predictor, image: XrayImage, method: str = "gradcam"):
+    """The heat map as it was made before the one-pass path: ``pytorch_grad_cam``'s own
+    forward and full backward on the prepared input, then placed on the source."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from dicom_covid.explain import _place
+
+    heats = []
+    for member in predictor.members:
+        x, info = member.prepared(image)
+        x = x[None].detach().clone().requires_grad_(True)
+        layer = resolve_layer(member.model, member.facts.gradcam_layer)
+        cls = getattr(pytorch_grad_cam, CAM_METHODS[method])
+        with torch.enable_grad(), cls(model=member.model, target_layers=[layer]) as cam:
+            small = cam(input_tensor=x, targets=[ClassifierOutputTarget(0)])[0]
+        member.model.zero_grad(set_to_none=True)
+        small = np.clip(np.nan_to_num(np.asarray(small, dtype=np.float32)), 0.0, 1.0)
+        heats.append(_place(small, image.shape, info.get("lung_box")))
+    heat = heats[0]
+    for other in heats[1:]:
+        heat += other
+    return np.clip(heat / len(heats), 0.0, 1.0)
+
+
+def _assert_one_pass_matches_two_passes(predictor: Predictor, method: str = "gradcam") -> None:
+    images = [
+        _synthetic_xray(),
+        _synthetic_xray(200, 180),
+        read_image(get_testdata_file("RG1_UNCR.dcm")),
+    ]
+    explainer = Explainer(predictor, method)
+    results = explainer.predict_and_explain(images, batch_size=2)
+    assert len(results) == len(images)
+    for image, (prediction, heat) in zip(images, results, strict=True):
+        before = predictor.predict(image)
+        for label, p in before.probabilities.items():
+            assert abs(prediction.probabilities[label] - p) < 1e-4
+        assert prediction.outcome == before.outcome
+        assert prediction.abstention_reasons == before.abstention_reasons
+        assert prediction.ood_score == pytest.approx(before.ood_score, abs=1e-4)
+        expected = _two_pass_heatmap(predictor, image, method)
+        assert heat.shape == image.shape and heat.dtype == np.float32
+        assert np.abs(heat - expected).max() < 1e-4
+        assert np.abs(explainer.heatmap(image) - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_one_pass_equals_the_two_pass_path(predictor, method):
+    _assert_one_pass_matches_two_passes(predictor, method)
+
+
+def test_one_pass_equals_the_two_pass_path_for_an_ensemble(tmp_path):
+    from helpers import add_throwaway_model
+
+    from dicom_covid.bundle import install_ensemble
+
+    root = make_throwaway_bundle(tmp_path / "b", "efficientnet_lite0", input_size=96)
+    add_throwaway_model(root, "alexnet", covid_threshold=0.7, seed=1, input_size=64)
+    install_ensemble(
+        "duo", ("alexnet", "efficientnet_lite0"), 0.3, {"note": "test"}, bundle_root=root
+    )
+    _assert_one_pass_matches_two_passes(Predictor(root, "duo"))
+
+
+def test_one_pass_leaves_no_hooks_grads_or_grad_mode(predictor):
+    model = predictor.model
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    Explainer(predictor).predict_and_explain([_synthetic_xray()])
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+    assert torch.is_grad_enabled()
+    assert all(p.grad is None for p in model.parameters())

@@ -26,7 +26,7 @@ from dicom_covid.inference import DISCLAIMER, Predictor
 from dicom_covid.reader import read_dataset
 from dicom_covid.results import ResultSet, analyse, build_heatmap_sc, build_sr, codes
 from dicom_covid.results.common import SC_SERIES_NUMBER, SR_SERIES_NUMBER, source_header
-from dicom_covid.results.sc import BANNER
+from dicom_covid.results.sc import BANNER, DISPLAY_SIZE, display_shape
 from dicom_covid.results.sr import read_sr_result
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_dicoms"
@@ -190,9 +190,12 @@ def test_sr_is_valid_dicom(written):
 # --- SC ------------------------------------------------------------------------------------
 
 
-def test_sc_is_the_overlay_at_source_resolution(result, written, source):
+def test_sc_is_the_overlay_at_display_resolution(result, written, source):
     sc = pydicom.dcmread(written[1])
-    assert (sc.Rows, sc.Columns) == (source.Rows, source.Columns)
+    rows, cols = display_shape(source.Rows, source.Columns)
+    assert max(rows, cols) == DISPLAY_SIZE < max(source.Rows, source.Columns)
+    assert abs(rows / cols - source.Rows / source.Columns) < 2 / DISPLAY_SIZE, "aspect kept"
+    assert (sc.Rows, sc.Columns) == (rows, cols)
     assert sc.SamplesPerPixel == 3 and sc.PhotometricInterpretation == "RGB"
     assert sc.BitsAllocated == 8
     assert sc.BurnedInAnnotation == "YES"
@@ -211,12 +214,33 @@ def test_sc_is_the_overlay_at_source_resolution(result, written, source):
     image = hd.imread(written[1])
     assert image.SOPInstanceUID == sc.SOPInstanceUID
     pixels = sc.pixel_array
-    assert pixels.shape == (source.Rows, source.Columns, 3)
-    # the middle of the image is the overlay: hottest pixel is redder than it is blue
+    assert pixels.shape == (rows, cols, 3)
+    # the middle of the image is the overlay: the hottest pixel is redder than it is blue
     mid = slice(source.Rows // 5, 4 * source.Rows // 5)
     r, c = np.unravel_index(np.argmax(result.heatmap[mid]), result.heatmap[mid].shape)
-    hot = pixels[mid][r, c].astype(int)
-    assert hot[0] > hot[2]
+    hot = pixels[
+        round((r + source.Rows // 5) * rows / source.Rows), round(c * cols / source.Columns)
+    ]
+    assert int(hot[0]) > int(hot[2])
+
+
+def test_sc_geometry_describes_its_own_pixels(source, result, tmp_path):
+    spaced = copy.deepcopy(source)
+    spaced.PixelSpacing = [0.15, 0.2]
+    image = read_dataset(spaced)
+    sc = build_heatmap_sc(spaced, image, result.prediction, result.heatmap)
+    rows, cols = display_shape(source.Rows, source.Columns)
+    assert (sc.Rows, sc.Columns) == (rows, cols)
+    # the SC covers the same field as the source: spacing x pixels is the same length
+    assert float(sc.PixelSpacing[0]) * rows == pytest.approx(0.15 * source.Rows, rel=1e-4)
+    assert float(sc.PixelSpacing[1]) * cols == pytest.approx(0.2 * source.Columns, rel=1e-4)
+    sc.save_as(tmp_path / "sc.dcm", enforce_file_format=True)
+    _dciodvfy(tmp_path / "sc.dcm")
+    full = build_heatmap_sc(spaced, image, result.prediction, result.heatmap, max_side=None)
+    assert (full.Rows, full.Columns) == (source.Rows, source.Columns)
+    assert [float(v) for v in full.PixelSpacing] == [0.15, 0.2]
+    small = display_shape(300, 200)
+    assert small == (300, 200), "small sources keep their size"
 
 
 def test_sc_has_burned_in_disclaimer(written):
@@ -264,7 +288,8 @@ def test_source_with_spacing_gets_an_image_library(predictor, tmp_path):
     assert "Image Library" in text and "Horizontal Pixel Spacing" in text
     _dciodvfy(sr_path)
     _dciodvfy(sc_path)
-    assert pydicom.dcmread(sc_path).pixel_array.shape == (source.Rows, source.Columns, 3)
+    shape = display_shape(source.Rows, source.Columns)
+    assert pydicom.dcmread(sc_path).pixel_array.shape == (*shape, 3)
 
 
 def test_sparse_header_still_builds_valid_objects(source, result, tmp_path):

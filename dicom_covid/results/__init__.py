@@ -10,7 +10,8 @@ One module per object (see ``STYLE.md``):
   UIDs, the cleaned source header;
 * :mod:`.codes` — every coded concept written.
 
-:func:`analyse` runs the whole chain for the PACS worker: read → predict → heat map → SR + SC.
+:func:`analyse` runs the whole chain for the PACS worker: read → one forward pass for the
+prediction and its heat map → SR + SC.
 
 >>> result = analyse(dataset, Predictor())  # doctest: +SKIP
 >>> result.sr.save_as("sr.dcm"); result.sc.save_as("sc.dcm")  # doctest: +SKIP
@@ -56,11 +57,13 @@ class ResultSet:
     prediction : Prediction
         The classification.
     heatmap : numpy.ndarray
-        ``float32 (rows, columns)`` Grad-CAM heat map of P(COVID-19) in ``[0, 1]``.
+        ``float32 (rows, columns)`` Grad-CAM heat map of P(COVID-19) in ``[0, 1]``, at the
+        source's resolution.
     sr : highdicom.sr.ComprehensiveSR
-        The TID 1500 report.
+        The TID 1500 report (its region in the source's pixel coordinates).
     sc : highdicom.sc.SCImage
-        The heat-map Secondary Capture.
+        The heat-map Secondary Capture (at a display resolution, see
+        :func:`~dicom_covid.results.sc.display_shape`).
     outline : numpy.ndarray
         ``(K, 2)`` closed (column, row) polygon of the hot region, as written in the SR.
     """
@@ -88,7 +91,8 @@ def analyse(source: Dataset, predictor: Predictor, explainer: Explainer | None =
         Loaded model.
     explainer : Explainer, optional
         Grad-CAM for ``predictor`` (default: ``Explainer(predictor)``, plain Grad-CAM). Pass
-        one to reuse it across images.
+        one to reuse it across images. Prediction and heat map come from one forward pass
+        (:meth:`~dicom_covid.explain.Explainer.predict_and_explain`).
 
     Returns
     -------
@@ -105,9 +109,8 @@ def analyse(source: Dataset, predictor: Predictor, explainer: Explainer | None =
     from ..reader import read_dataset
 
     image = read_dataset(source, source=str(source.get("SOPInstanceUID", "<dataset>")))
-    prediction = predictor.predict(image)
     explainer = explainer or Explainer(predictor)
-    heatmap = explainer.heatmap(image, target="covid")
+    ((prediction, heatmap),) = explainer.predict_and_explain([image], target="covid")
     outline = hot_region_outline(heatmap)
     sr = build_sr(source, prediction, outline, heatmap_method=explainer.method)
     sc = build_heatmap_sc(source, image, prediction, heatmap, method=explainer.method)

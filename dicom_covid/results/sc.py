@@ -1,14 +1,17 @@
 """The Secondary Capture holding the Grad-CAM heat map of one image.
 
-An RGB image at the source's resolution: the radiograph in gray with the heat map in a jet
-colour map (see :func:`dicom_covid.explain.overlay`), and burned-in text on translucent bands:
+An RGB image at a display resolution (the source's aspect ratio, the long side at most
+:data:`DISPLAY_SIZE` pixels; smaller sources keep their size): the radiograph in gray with the
+heat map in a jet colour map (see :func:`dicom_covid.explain.overlay`), and burned-in text on
+translucent bands:
 
 * top: ``NOT FOR DIAGNOSTIC USE - RESEARCH ONLY`` and the decision with P(COVID-19) and the
   threshold;
 * bottom: software, model and bundle version, and what the colours mean.
 
 The text is drawn with DejaVu Sans Bold (shipped with matplotlib, a dependency), sized to the
-image (about 1/30 of its short side, shrunk to fit the width). Burned In Annotation is YES,
+SC (about 1/30 of its short side, shrunk to fit the width). The SC's Pixel Spacing, when the
+source has one, is scaled to the SC's own pixel matrix. Burned In Annotation is YES,
 Image Type DERIVED\\SECONDARY, and the Source Image Sequence references the radiograph. The
 instance is in its own series of the source's study, with patient and study copied from it.
 """
@@ -20,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import cv2
 import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -45,12 +49,14 @@ if TYPE_CHECKING:
     from ..prediction import Prediction
     from ..reader import XrayImage
 
-__all__ = ["BANNER", "build_heatmap_sc", "render_heatmap"]
+__all__ = ["BANNER", "DISPLAY_SIZE", "build_heatmap_sc", "display_shape", "render_heatmap"]
 
 logger = logging.getLogger(__name__)
 
 #: First burned-in line of every Secondary Capture.
 BANNER = "NOT FOR DIAGNOSTIC USE - RESEARCH ONLY"
+#: Longest side, in pixels, of the Secondary Capture's pixel matrix.
+DISPLAY_SIZE = 1024
 _ORIENTATION_LETTERS = set("APLRHF")
 
 
@@ -84,10 +90,9 @@ def _draw_band(
     line_h = round(size * 1.25)
     band_h = 2 * pad + line_h * len(lines)
     w, h = base.size
-    y0 = 0 if top else h - band_h
-    shade = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    ImageDraw.Draw(shade).rectangle([0, y0, w, y0 + band_h], fill=(0, 0, 0, 170))
-    base.alpha_composite(shade)
+    y0 = 0 if top else max(0, h - band_h)
+    shade = Image.new("RGBA", (w, min(band_h + 1, h - y0)), (0, 0, 0, 170))
+    base.alpha_composite(shade, dest=(0, y0))  # the band only, not a full-size layer
     draw = ImageDraw.Draw(base)
     for i, (text, colour) in enumerate(lines):
         draw.text(
@@ -100,19 +105,50 @@ def _draw_band(
         )
 
 
+def display_shape(rows: int, cols: int, max_side: int | None = DISPLAY_SIZE) -> tuple[int, int]:
+    """``(rows, columns)`` of the Secondary Capture of a ``rows x cols`` source.
+
+    Parameters
+    ----------
+    rows, cols : int
+        The source's matrix.
+    max_side : int or None
+        Longest side of the result (default :data:`DISPLAY_SIZE`); None keeps the source's size.
+
+    Returns
+    -------
+    tuple of int
+        The source's shape scaled by one factor (aspect kept) so that its long side is at most
+        ``max_side``; never larger than the source.
+    """
+    if max_side is None or max(rows, cols) <= max_side:
+        return rows, cols
+    scale = max_side / max(rows, cols)
+    return max(1, round(rows * scale)), max(1, round(cols * scale))
+
+
+def _shrink(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Area-average ``values`` (2-D) down to ``shape``."""
+    if values.shape == shape:
+        return values
+    src = np.ascontiguousarray(values, dtype=np.float32)
+    return cv2.resize(src, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+
+
 def render_heatmap(
     image: XrayImage,
     prediction: Prediction,
     heatmap: np.ndarray,
     method: str = "gradcam",
     alpha: float = 0.45,
+    max_side: int | None = DISPLAY_SIZE,
 ) -> np.ndarray:
     """The RGB picture of the Secondary Capture: overlay plus burned-in text.
 
     Parameters
     ----------
     image : XrayImage
-        The radiograph (its pixels set the resolution).
+        The radiograph.
     prediction : Prediction
         The prediction explained.
     heatmap : numpy.ndarray
@@ -121,15 +157,19 @@ def render_heatmap(
         CAM method name, printed in the text.
     alpha : float
         Largest opacity of the colour map.
+    max_side : int or None
+        Longest side of the picture (see :func:`display_shape`); None: the image's own size.
 
     Returns
     -------
     numpy.ndarray
-        ``uint8 (H, W, 3)``.
+        ``uint8 (h, w, 3)`` with ``(h, w) = display_shape(H, W, max_side)``; radiograph and heat
+        map are area-averaged down to it before they are blended.
     """
     from ..explain import overlay
 
-    rgb = overlay(image, heatmap, alpha=alpha)
+    shape = display_shape(*image.shape, max_side)
+    rgb = overlay(_shrink(image.pixels, shape), _shrink(np.asarray(heatmap), shape), alpha=alpha)
     identity = ModelIdentity.from_prediction(prediction)
     h, w = rgb.shape[:2]
     decision = {
@@ -184,6 +224,7 @@ def build_heatmap_sc(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
     series_number: int = SC_SERIES_NUMBER,
+    max_side: int | None = DISPLAY_SIZE,
 ) -> hd.sc.SCImage:
     """Build the RGB Secondary Capture of the heat map over the source image.
 
@@ -205,10 +246,15 @@ def build_heatmap_sc(
         and the method.
     series_number : int
         Series Number (default :data:`~dicom_covid.results.common.SC_SERIES_NUMBER`).
+    max_side : int or None
+        Longest side of the SC's pixel matrix (default :data:`DISPLAY_SIZE`, see
+        :func:`display_shape`); None: the source's resolution.
 
     Returns
     -------
     highdicom.sc.SCImage
+        Rows and Columns are the SC's own; its Pixel Spacing (when the source has a valid
+        one) is the source's, scaled by the source-to-SC size ratio of each axis.
 
     Raises
     ------
@@ -236,9 +282,14 @@ def build_heatmap_sc(
         identity.software_version,
         method,
     )
-    pixels = render_heatmap(image, prediction, heat, method)
+    pixels = render_heatmap(image, prediction, heat, method, max_side=max_side)
     orientation = _orientation(header)
     spacing = valid_spacing(header.get("PixelSpacing"))
+    if spacing:  # of the SC's own pixel matrix
+        spacing = [
+            float(f"{spacing[0] * rows / pixels.shape[0]:.6g}"),
+            float(f"{spacing[1] * cols / pixels.shape[1]:.6g}"),
+        ]
     date, time = now_date_time()
     try:
         sc = hd.sc.SCImage.from_ref_dataset(
