@@ -270,7 +270,8 @@ def test_ckpt_export_torchscript(throwaway: Path, tmp_path: Path) -> None:
     )
     extra = {"metadata.json": "", "inference.json": ""}
     scripted = torch.jit.load(str(ts), _extra_files=extra)
-    assert json.loads(extra["inference.json"])["network_def"]["name"] == "@backbone"
+    network_def = json.loads(extra["inference.json"])["network_def"]
+    assert network_def["name"] == "$dicom_covid.bundle.backbone_of(@backbone, @bundle_root)"
     predictor = Predictor(throwaway)
     x = predictor.input_tensor(read_image(ROOT / "sample_dicoms" / "chest_cr_mono1.dcm"))
     with torch.no_grad():

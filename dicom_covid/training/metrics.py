@@ -111,7 +111,7 @@ def expected_calibration_error(targets: np.ndarray, probs: np.ndarray, n_bins: i
 
 def bootstrap_auc_ci(
     is_positive: np.ndarray, score: np.ndarray, n_resamples: int = 1000, seed: int = 0
-) -> tuple[float, list[float]]:
+) -> tuple[float, list[float] | None]:
     """Binary AUC and its 95 % stratified percentile bootstrap interval.
 
     Each resample draws positives and negatives separately with replacement (their counts kept),
@@ -127,10 +127,12 @@ def bootstrap_auc_ci(
     Returns
     -------
     tuple
-        ``(auc, [low, high])``.
+        ``(auc, [low, high])``; the interval is None when ``n_resamples`` is 0.
     """
     is_positive = np.asarray(is_positive, dtype=bool)
     score = np.asarray(score, dtype=np.float64)
+    if n_resamples <= 0:
+        return binary_auc(is_positive, score), None
     pos, neg = np.flatnonzero(is_positive), np.flatnonzero(~is_positive)
     rng = np.random.default_rng(seed)
     stats = np.empty(n_resamples)
