@@ -238,8 +238,6 @@ class Predictor:
         BundleError
             For an ensemble: each member has its own input (see :attr:`members`).
         """
-        if self.is_ensemble:
-            raise BundleError(self._no_single_network("input tensor"))
         return self.prepared(image)[0][None].to(self.device)
 
     def prepared(self, image: XrayImage) -> tuple[torch.Tensor, dict]:
