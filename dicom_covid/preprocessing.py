@@ -159,6 +159,23 @@ class Preprocessing:
 
     def __call__(self, pixels: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Network input before normalisation, ``(1, S, S)`` in ``[0, 1]``, and step facts."""
+        img, info = self.geometric(pixels)
+        if self.pipeline == "lung_crop_clahe":
+            img = clahe(img, self.clip_limit, self.tile_grid)
+        return img, info
+
+    def geometric(self, pixels: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The pipeline up to its intensity standardisation: resizing and cropping only.
+
+        This part is linear in the pixel values (interpolation), so inputs that differ by one
+        grey level give outputs that differ by at most one grey level; CLAHE, which follows in
+        ``lung_crop_clahe``, quantises to 8 bits and may amplify such a step by its local gain.
+
+        Returns
+        -------
+        tuple
+            ``(1, S, S)`` tensor in ``[0, 1]`` and the step facts (lung fraction and box).
+        """
         if self.pipeline == "resize":
             return self._resize(pixels), {}
         base = self._base(pixels)
@@ -171,8 +188,7 @@ class Preprocessing:
             # resize of the whole source), to place a Grad-CAM map back on the source.
             info["lung_box"] = (t / side, b / side, left / side, r / side)
             base = base[:, t:b, left:r]
-        img = clahe(self._resize(base), self.clip_limit, self.tile_grid)
-        return img, info
+        return self._resize(base), info
 
     def describe(self) -> str:
         """One line for reports and SR algorithm parameters."""
