@@ -16,6 +16,11 @@ Two pipelines exist; which one a model uses is a model fact, never a code defaul
            -> ResizeSquare(input_size)
            -> CLAHE(clip_limit, tile_grid)        intensity standardisation (OpenCV)
 
+In ``lung_crop_clahe`` either step may be switched off by setting its entry to ``null``
+(``"lung_crop": null`` or ``"clahe": null``): the ablations of the transfer recipe
+(``dicom-covid crossval run --without lung_crop|clahe``) train and ship such models. Without the
+lung crop nothing is segmented and the facts below are empty.
+
 Both return a ``(1, S, S)`` float tensor in ``[0, 1]`` and a dict of facts about the step
 (``lung_fraction``, ``lung_crop``, ``lung_box``), which feeds the out-of-distribution checks of
 :mod:`dicom_covid.abstention`. Normalisation to the backbone's mean and std follows
@@ -75,7 +80,8 @@ class Preprocessing:
     input_size : int
         Network input side.
     spec : mapping
-        The facts' ``preprocessing`` entry; ``{}`` for the plain ``resize`` pipeline.
+        The facts' ``preprocessing`` entry; ``{}`` for the plain ``resize`` pipeline. In
+        ``lung_crop_clahe``, ``lung_crop`` or ``clahe`` set to None switches that step off.
     segmenter : object, optional
         A :class:`dicom_covid.lungs.LungSegmenter` (needed by ``lung_crop_clahe``; loaded from
         ``bundle`` on first use when None).
@@ -103,22 +109,31 @@ class Preprocessing:
                 "bundle written for it."
             )
         self._resize = ResizeSquare(self.input_size)
+        #: Whether the lung crop and CLAHE steps run (both only in ``lung_crop_clahe``).
+        self.crops_lungs = self.applies_clahe = False
         if self.pipeline == "lung_crop_clahe":
             try:
                 self.base_size = int(self.spec["base_size"])
-                crop = self.spec["lung_crop"]
-                self.margin = float(crop["margin"])
-                self.min_lung_fraction = float(crop["min_lung_fraction"])
-                self.clip_limit = float(self.spec["clahe"]["clip_limit"])
-                self.tile_grid = int(self.spec["clahe"]["tile_grid"])
+                crop, eq = self.spec["lung_crop"], self.spec["clahe"]
+                self.crops_lungs, self.applies_clahe = crop is not None, eq is not None
+                if crop is not None:
+                    self.margin = float(crop["margin"])
+                    self.min_lung_fraction = float(crop["min_lung_fraction"])
+                if eq is not None:
+                    self.clip_limit = float(eq["clip_limit"])
+                    self.tile_grid = int(eq["tile_grid"])
             except (KeyError, TypeError, ValueError) as exc:
-                raise BundleError(f"malformed lung_crop_clahe preprocessing ({exc}).") from exc
+                raise BundleError(
+                    f"malformed lung_crop_clahe preprocessing ({exc}); it needs base_size, "
+                    "lung_crop (margin, min_lung_fraction, or null) and clahe (clip_limit, "
+                    "tile_grid, or null)."
+                ) from exc
             self._base = ResizeSquare(self.base_size)
 
     @property
     def needs_segmenter(self) -> bool:
         """True when the pipeline crops to the lung fields."""
-        return self.pipeline == "lung_crop_clahe"
+        return self.crops_lungs
 
     def _lungs(self) -> Any:
         if self.segmenter is None:
@@ -160,7 +175,7 @@ class Preprocessing:
     def __call__(self, pixels: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Network input before normalisation, ``(1, S, S)`` in ``[0, 1]``, and step facts."""
         img, info = self.geometric(pixels)
-        if self.pipeline == "lung_crop_clahe":
+        if self.applies_clahe:
             img = clahe(img, self.clip_limit, self.tile_grid)
         return img, info
 
@@ -179,6 +194,8 @@ class Preprocessing:
         if self.pipeline == "resize":
             return self._resize(pixels), {}
         base = self._base(pixels)
+        if not self.crops_lungs:
+            return self._resize(base), {}
         box, fraction = self.lung_box(base)
         info: dict[str, Any] = {"lung_fraction": round(fraction, 4), "lung_crop": box is not None}
         if box is not None:
@@ -194,7 +211,10 @@ class Preprocessing:
         """One line for reports and SR algorithm parameters."""
         if self.pipeline == "resize":
             return f"resize {self.input_size}"
-        return (
-            f"resize {self.base_size}, lung crop (margin {self.margin:g}), resize "
-            f"{self.input_size}, CLAHE {self.clip_limit:g}/{self.tile_grid}"
-        )
+        steps = [f"resize {self.base_size}"]
+        if self.crops_lungs:
+            steps.append(f"lung crop (margin {self.margin:g})")
+        steps.append(f"resize {self.input_size}")
+        if self.applies_clahe:
+            steps.append(f"CLAHE {self.clip_limit:g}/{self.tile_grid}")
+        return ", ".join(steps)

@@ -2,8 +2,12 @@
 
 * ``dicom-covid crossval run --leave-out GROUP --recipe transfer``: train without the group's
   sources, evaluate on every image of the group (``<output-dir>/heldout.json``).
+* ``dicom-covid crossval run --leave-out GROUP --recipe transfer --without clahe``: the same
+  with an ingredient of the transfer recipe switched off (repeatable; an ablation, shown as
+  ``transfer−clahe``).
 * ``dicom-covid crossval report DIR``: one markdown table (and JSON) of every ``heldout.json``
-  under ``DIR``, recipes side by side.
+  under ``DIR``, recipes side by side; ``--ablation``: the variants of the transfer recipe
+  against the full recipe (``ablation.md``, ``ablation.json``).
 
 Groups: ``ieee8023+figure1+actualmed``, ``c19r_covid+c19r_rsna``,
 ``nih_pneumonia+nih_normal+quex_opacity``, ``kermany``, or any sources joined by ``+``.
@@ -39,6 +43,13 @@ def run(
         typer.Option(help="Held-out group: a group name or sources joined by '+'."),
     ],
     recipe: Annotated[str, typer.Option(help="Training recipe: v1 or transfer.")] = "transfer",
+    without: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Switch off an ingredient of the transfer recipe (repeatable): lung_crop, "
+            "clahe, scramble, balanced, label_smoothing, temperature."
+        ),
+    ] = None,
     backbone: Annotated[str, typer.Option(help="Backbone registry key.")] = "efficientnet_lite0",
     data: Annotated[
         Path | None,
@@ -46,7 +57,9 @@ def run(
     ] = None,
     output_dir: Annotated[
         Path | None,
-        typer.Option(help="Run folder (default runs/crossval/<recipe>/<group>)."),
+        typer.Option(
+            help="Run folder (default runs/crossval/<recipe>[-no-<ingredient>...]/<group>)."
+        ),
     ] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 4,
     image_size: Annotated[int, typer.Option(min=32)] = 160,
@@ -67,12 +80,21 @@ def run(
     setup_logging(verbose)
     from ..config import default_data_dir
     from ..training.crossval import crossval
-    from ..training.train import TrainConfig
+    from ..training.train import (
+        RECIPE_LABEL_SMOOTHING,
+        TRANSFER_INGREDIENTS,
+        TrainConfig,
+        recipe_parts,
+    )
 
+    off = tuple(name for name in TRANSFER_INGREDIENTS if name in set(without or ()))
+    with fail_on_error():
+        parts = recipe_parts(recipe, without or ())
+    run_name = recipe + "".join(f"-no-{name}" for name in off)
     cfg = TrainConfig(
         backbone=backbone,
         data_dir=data or default_data_dir(),
-        output_dir=output_dir or Path("runs") / "crossval" / recipe / leave_out,
+        output_dir=output_dir or Path("runs") / "crossval" / run_name / leave_out,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
@@ -85,14 +107,16 @@ def run(
         recipe=recipe,
         cache_dir=cache_dir,
         threads=threads,
-        label_smoothing=0.1 if recipe == "transfer" else 0.05,
+        label_smoothing=RECIPE_LABEL_SMOOTHING[recipe],
+        without=off,
     )
     with fail_on_error():
         m = crossval(cfg, leave_out, progress)
     auc = "n/a (one class)" if m["covid_auc"] is None else f"{m['covid_auc']:.3f}"
     typer.echo(
-        f"{recipe} without {leave_out}: COVID-vs-rest AUC {auc}, accuracy {m['accuracy']:.3f} "
-        f"on {m['n']} held-out images; {Path(cfg.output_dir) / 'heldout.json'}"
+        f"{parts.variant} without {leave_out}: COVID-vs-rest AUC {auc}, "
+        f"accuracy {m['accuracy']:.3f} on {m['n']} held-out images; "
+        f"{Path(cfg.output_dir) / 'heldout.json'}"
     )
 
 
@@ -102,18 +126,27 @@ def report(
     output: Annotated[
         Path | None, typer.Option(help="Also write the table (markdown) and results (JSON) here.")
     ] = None,
+    ablation: Annotated[
+        bool,
+        typer.Option(
+            "--ablation",
+            help="Transfer-recipe variants against the full recipe, with paired AUC changes "
+            "(writes ablation.md and ablation.json instead of crossval.*).",
+        ),
+    ] = False,
 ) -> None:
     """Table of every held-out result under RUNS."""
-    from ..training.crossval import summary_table
+    from ..training.crossval import ablation_table, summary_table
 
     results = [json.loads(p.read_text()) for p in sorted(runs.rglob("heldout.json"))]
     if not results:
         typer.echo(f"no heldout.json under {runs}; run 'dicom-covid crossval run' first.", err=True)
         raise typer.Exit(2)
-    table = summary_table(results)
+    table = ablation_table(results) if ablation else summary_table(results)
+    name = "ablation" if ablation else "crossval"
     typer.echo(table)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "crossval.md").write_text(table + "\n")
+        (output / f"{name}.md").write_text(table + "\n")
         slim = [{k: v for k, v in r.items() if k != "predictions"} for r in results]
-        (output / "crossval.json").write_text(json.dumps(slim, indent=2) + "\n")
+        (output / f"{name}.json").write_text(json.dumps(slim, indent=2) + "\n")

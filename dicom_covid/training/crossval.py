@@ -8,6 +8,11 @@ measures it on every image of the group (all splits: none of them was seen).
 
 Groups that hold one class only (e.g. the NIH additions hold no COVID-19) report that class's
 recall and, where COVID-19 is absent, the COVID-19 specificity at the model's threshold.
+
+Ablations switch ingredients of the ``transfer`` recipe off (:attr:`TrainConfig.without
+<dicom_covid.training.train.TrainConfig>`); each result records its ``variant`` (e.g.
+``"transfer−clahe"``) and :func:`ablation_table` sets the variants of a group side by side,
+with the AUC change against the full recipe and its paired bootstrap interval.
 """
 
 from __future__ import annotations
@@ -24,10 +29,17 @@ from tqdm.auto import tqdm
 from ..errors import DataError
 from ..reader import read_image
 from .data import LABELS, read_manifest
-from .metrics import bootstrap_auc_ci
-from .train import TrainConfig, train
+from .metrics import binary_auc, bootstrap_auc_ci
+from .train import TRANSFER_INGREDIENTS, TrainConfig, recipe_variant, train
 
-__all__ = ["GROUPS", "crossval", "evaluate_heldout", "summary_table"]
+__all__ = [
+    "GROUPS",
+    "ablation_table",
+    "crossval",
+    "evaluate_heldout",
+    "paired_auc_difference",
+    "summary_table",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +142,11 @@ def crossval(cfg: TrainConfig, group: str, progress: bool = True) -> dict[str, A
         {
             "group": group,
             "recipe": cfg.recipe,
+            "without": [name for name in TRANSFER_INGREDIENTS if name in set(cfg.without)],
+            "variant": recipe_variant(cfg.recipe, cfg.without),
+            "max_train_per_class": cfg.max_train_per_class,
+            "epochs": cfg.epochs,
+            "seed": cfg.seed,
             "backbone": cfg.backbone,
             "image_size": cfg.image_size,
             "epochs_run": result.epochs_run,
@@ -142,7 +159,7 @@ def crossval(cfg: TrainConfig, group: str, progress: bool = True) -> dict[str, A
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info(
         "%s without %s: accuracy %.3f, COVID AUC %s on %d held-out images",
-        cfg.recipe,
+        metrics["variant"],
         group,
         metrics["accuracy"],
         "n/a" if metrics["covid_auc"] is None else f"{metrics['covid_auc']:.3f}",
@@ -157,19 +174,141 @@ def _fmt(v: float | None, ci: list[float] | None = None) -> str:
     return f"{v:.3f}" + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "")
 
 
+def _variant(m: dict[str, Any]) -> str:
+    """Variant name of a result (results written before ablations existed have none)."""
+    return m.get("variant") or recipe_variant(m["recipe"], m.get("without") or ())
+
+
 def summary_table(results: list[dict[str, Any]]) -> str:
-    """Markdown table of held-out results, one row per group and recipe."""
+    """Markdown table of held-out results, one row per group and recipe variant."""
     lines = [
         "| held-out group | recipe | n (covid/normal/pneumonia) | COVID-vs-rest AUC (95 % CI) "
         "| COVID sens @thr | COVID spec @thr | 3-class acc |",
         "|---|---|---|---|---:|---:|---:|",
     ]
-    for m in sorted(results, key=lambda r: (r["group"], r["recipe"] != "v1")):
+    for m in sorted(results, key=lambda r: (r["group"], r["recipe"] != "v1", _variant(r))):
         c = m["counts"]
         lines.append(
-            f"| {m['group']} | {m['recipe']} | {m['n']} ({c['covid']}/{c['normal']}/"
+            f"| {m['group']} | {_variant(m)} | {m['n']} ({c['covid']}/{c['normal']}/"
             f"{c['pneumonia']}) | {_fmt(m['covid_auc'], m['covid_auc_ci'])} | "
             f"{_fmt(m['covid_sensitivity'])} | {_fmt(m['covid_specificity'])} | "
             f"{m['accuracy']:.3f} |"
         )
+    return "\n".join(lines)
+
+
+def paired_auc_difference(
+    a: dict[str, Any], b: dict[str, Any], n_resamples: int = 1000, seed: int = 0
+) -> tuple[float, list[float]] | None:
+    """COVID-vs-rest AUC of ``a`` minus that of ``b`` on the same images, with a paired interval.
+
+    Both results are resampled with the same image indices (COVID-19 and other images resampled
+    separately, as in :func:`~dicom_covid.training.metrics.bootstrap_auc_ci`), so the interval
+    reflects the difference between the two models on this group, not the spread of each AUC.
+    It does not include training noise (another seed gives another model).
+
+    Parameters
+    ----------
+    a, b : dict
+        Held-out results (``heldout.json``) with per-image ``predictions``.
+    n_resamples : int
+        Bootstrap resamples.
+    seed : int
+        Seed of the resampling.
+
+    Returns
+    -------
+    tuple or None
+        ``(difference, [low, high])`` (95 % percentile interval); None when the results do not
+        hold predictions for the same images or the group holds one class only.
+    """
+    covid = LABELS.index("covid")
+    pa = {p["path"]: p for p in a.get("predictions") or []}
+    pb = {p["path"]: p for p in b.get("predictions") or []}
+    if not pa or set(pa) != set(pb):
+        return None
+    paths = sorted(pa)
+    y = np.array([pa[k]["label"] == "covid" for k in paths])
+    sa = np.array([pa[k]["probs"][covid] for k in paths])
+    sb = np.array([pb[k]["probs"][covid] for k in paths])
+    if y.all() or not y.any():
+        return None
+    diff = binary_auc(y, sa) - binary_auc(y, sb)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_resamples)
+    for i in range(n_resamples):
+        idx = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+        stats[i] = binary_auc(y[idx], sa[idx]) - binary_auc(y[idx], sb[idx])
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return float(diff), [float(low), float(high)]
+
+
+def _settings(m: dict[str, Any]) -> tuple[Any, ...]:
+    cfg = m.get("train_config") or {}
+    return (
+        m.get("image_size"),
+        m.get("max_train_per_class", cfg.get("max_train_per_class")),
+        m.get("epochs", cfg.get("epochs")),
+        m.get("seed", cfg.get("seed")),
+    )
+
+
+def ablation_table(results: list[dict[str, Any]], recipe: str = "transfer") -> str:
+    """Markdown table of the variants of ``recipe`` per held-out group, against the full recipe.
+
+    The reference of a group is its run of the full recipe (nothing switched off) at the
+    settings (input size, train images per class, epochs, seed) most of its runs share; every
+    other run gets its COVID-vs-rest AUC change against it with a paired bootstrap 95 %
+    interval (:func:`paired_auc_difference`). Rows: the reference, the ablations in
+    :data:`~dicom_covid.training.train.TRANSFER_INGREDIENTS` order, then runs at other settings.
+
+    Parameters
+    ----------
+    results : list of dict
+        Held-out results (``heldout.json``); those of other recipes are left out.
+    recipe : str
+        The recipe whose ingredients were switched off.
+
+    Returns
+    -------
+    str
+        One table; a group without a reference run gets no change column values.
+    """
+    lines = [
+        "| held-out group | variant | input px / train per class / epochs "
+        "| COVID-vs-rest AUC (95 % CI) | ΔAUC vs full recipe (paired 95 % CI) "
+        "| COVID sens @thr | COVID spec @thr | 3-class acc |",
+        "|---|---|---|---|---|---:|---:|---:|",
+    ]
+    order = {name: i for i, name in enumerate(TRANSFER_INGREDIENTS)}
+    for group in sorted({r["group"] for r in results if r["recipe"] == recipe}):
+        runs = [r for r in results if r["recipe"] == recipe and r["group"] == group]
+        keys = [_settings(r) for r in runs]
+        common = max(set(keys), key=keys.count)
+        refs = [r for r in runs if not r.get("without") and _settings(r) == common]
+        ref = refs[0] if refs else None
+
+        def rank(r: dict[str, Any], common: tuple[Any, ...] = common) -> tuple[Any, ...]:
+            off = r.get("without") or []
+            return (
+                _settings(r) != common,
+                len(off),
+                [order.get(x, len(order)) for x in off],
+                str(_settings(r)),
+            )
+
+        for m in sorted(runs, key=rank):
+            size, per_class, epochs, _ = _settings(m)
+            if m is ref:
+                delta = "(reference)"
+            else:
+                d = paired_auc_difference(m, ref) if ref is not None else None
+                delta = "–" if d is None else f"{d[0]:+.3f} ({d[1][0]:+.2f} to {d[1][1]:+.2f})"
+            lines.append(
+                f"| {group} | {_variant(m)} | {size} / {per_class} / {epochs} | "
+                f"{_fmt(m['covid_auc'], m['covid_auc_ci'])} | {delta} | "
+                f"{_fmt(m['covid_sensitivity'])} | {_fmt(m['covid_specificity'])} | "
+                f"{m['accuracy']:.3f} |"
+            )
     return "\n".join(lines)

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,7 +38,18 @@ from ..transforms import ChestAugment, SourceScrambleAugment
 from .data import LABELS, CachedImageDataset, balanced_weights, read_manifest, spec_key, subsample
 from .metrics import choose_threshold, macro_auc
 
-__all__ = ["RECIPES", "TRANSFER_PREPROCESSING", "TrainConfig", "TrainResult", "train"]
+__all__ = [
+    "RECIPES",
+    "RECIPE_LABEL_SMOOTHING",
+    "TRANSFER_INGREDIENTS",
+    "TRANSFER_PREPROCESSING",
+    "RecipeParts",
+    "TrainConfig",
+    "TrainResult",
+    "recipe_parts",
+    "recipe_variant",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +68,137 @@ TRANSFER_PREPROCESSING = {
     "lung_crop": {"margin": 0.08, "min_lung_fraction": 0.08},
     "clahe": {"clip_limit": 2.0, "tile_grid": 8},
 }
+
+#: Label smoothing each recipe is run with by ``dicom-covid crossval run``.
+RECIPE_LABEL_SMOOTHING = {"v1": 0.05, "transfer": 0.1}
+
+#: Ingredients of the ``transfer`` recipe that :attr:`TrainConfig.without` can switch off, one
+#: at a time or together (ablations). What each becomes when switched off:
+#:
+#: * ``lung_crop``: no crop to the lung fields (resolution harmonisation and CLAHE stay);
+#: * ``clahe``: no CLAHE (resolution harmonisation and lung crop stay);
+#: * ``scramble``: :class:`ChestAugment` (the ``v1`` augmentation) instead of
+#:   :class:`SourceScrambleAugment`;
+#: * ``balanced``: uniform shuffling with a class-weighted loss (as ``v1``) instead of source-
+#:   and class-balanced sampling;
+#: * ``label_smoothing``: label smoothing 0;
+#: * ``temperature``: no temperature scaling (temperature 1; the threshold is still chosen on
+#:   the val split).
+TRANSFER_INGREDIENTS: tuple[str, ...] = (
+    "lung_crop",
+    "clahe",
+    "scramble",
+    "balanced",
+    "label_smoothing",
+    "temperature",
+)
+
+
+@dataclass(frozen=True)
+class RecipeParts:
+    """What a training recipe does, after any ingredients were switched off.
+
+    Built by :func:`recipe_parts`; the one place where recipes are defined.
+
+    Attributes
+    ----------
+    variant : str
+        Display name, the recipe followed by ``−ingredient`` for each switched-off one, e.g.
+        ``"transfer−clahe"`` (see :func:`recipe_variant`).
+    preprocessing : dict
+        The facts' ``preprocessing`` entry (``{}``: plain resize, see
+        :mod:`dicom_covid.preprocessing`).
+    scramble : bool
+        :class:`SourceScrambleAugment` (True) or :class:`ChestAugment` (False).
+    balanced : bool
+        Source- and class-balanced sampling without loss weights (True) or uniform shuffling
+        with a class-weighted loss (False).
+    label_smoothing : float
+        Cross-entropy label smoothing.
+    temperature : bool
+        Fit a softmax temperature on the val split at export.
+    """
+
+    variant: str
+    preprocessing: dict
+    scramble: bool
+    balanced: bool
+    label_smoothing: float
+    temperature: bool
+
+
+def recipe_variant(recipe: str, without: Sequence[str] = ()) -> str:
+    """Display name of a recipe with ingredients switched off, e.g. ``"transfer−clahe"``.
+
+    Parameters
+    ----------
+    recipe : str
+        A name of :data:`RECIPES`.
+    without : sequence of str
+        Switched-off ingredients (any order; shown in :data:`TRANSFER_INGREDIENTS` order).
+
+    Returns
+    -------
+    str
+        ``recipe`` itself when nothing is switched off.
+    """
+    off = set(without)
+    return recipe + "".join(f"−{name}" for name in TRANSFER_INGREDIENTS if name in off)
+
+
+def recipe_parts(
+    recipe: str, without: Sequence[str] = (), label_smoothing: float = 0.05
+) -> RecipeParts:
+    """Resolve a recipe, minus the ingredients in ``without``, into what training does.
+
+    Parameters
+    ----------
+    recipe : str
+        ``"v1"`` or ``"transfer"`` (see :data:`RECIPES`).
+    without : sequence of str
+        Ingredients of the ``transfer`` recipe to switch off (see
+        :data:`TRANSFER_INGREDIENTS`); must be empty for ``v1``.
+    label_smoothing : float
+        The configured label smoothing (0 when ``label_smoothing`` is switched off).
+
+    Returns
+    -------
+    RecipeParts
+
+    Raises
+    ------
+    DataError
+        Unknown recipe or ingredient, or ingredients switched off in a recipe without them.
+    """
+    if recipe not in RECIPES:
+        raise DataError(f"recipe {recipe!r} is not one of {', '.join(RECIPES)}")
+    off = set(without)
+    unknown = sorted(off - set(TRANSFER_INGREDIENTS))
+    if unknown:
+        raise DataError(
+            f"cannot switch off {', '.join(unknown)}: the ingredients of the transfer recipe "
+            f"are {', '.join(TRANSFER_INGREDIENTS)}"
+        )
+    if recipe != "transfer":
+        if off:
+            raise DataError(
+                f"--without {', '.join(sorted(off))} applies to the transfer recipe only; "
+                f"recipe {recipe!r} has none of its ingredients (use --recipe transfer)"
+            )
+        return RecipeParts(recipe, {}, False, False, label_smoothing, False)
+    prep = json.loads(json.dumps(TRANSFER_PREPROCESSING))
+    if "lung_crop" in off:
+        prep["lung_crop"] = None
+    if "clahe" in off:
+        prep["clahe"] = None
+    return RecipeParts(
+        variant=recipe_variant(recipe, sorted(off)),
+        preprocessing=prep,
+        scramble="scramble" not in off,
+        balanced="balanced" not in off,
+        label_smoothing=0.0 if "label_smoothing" in off else label_smoothing,
+        temperature="temperature" not in off,
+    )
 
 
 @dataclass(frozen=True)
@@ -110,6 +253,9 @@ class TrainConfig:
         Where prepared images are cached between runs (uint8; never commit it).
     threads : int or None
         Torch intra-op threads (None: torch's default).
+    without : tuple of str
+        Ingredients of the ``transfer`` recipe switched off for an ablation (see
+        :data:`TRANSFER_INGREDIENTS`; default none).
     """
 
     backbone: str
@@ -136,6 +282,7 @@ class TrainConfig:
     exclude_sources: tuple[str, ...] = ()
     cache_dir: Path | None = None
     threads: int | None = None
+    without: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -262,11 +409,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
 
-    if cfg.recipe not in RECIPES:
-        raise DataError(f"recipe {cfg.recipe!r} is not one of {', '.join(RECIPES)}")
+    parts = recipe_parts(cfg.recipe, cfg.without, cfg.label_smoothing)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    transfer = cfg.recipe == "transfer"
     excluded = set(cfg.exclude_sources)
 
     def rows_of(split: str, cap: int | None):
@@ -278,9 +423,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     show = cfg.progress and is_main
     aug_gen = torch.Generator().manual_seed(cfg.seed + rank)
     augment = (
-        SourceScrambleAugment(generator=aug_gen) if transfer else ChestAugment(generator=aug_gen)
+        SourceScrambleAugment(generator=aug_gen)
+        if parts.scramble
+        else ChestAugment(generator=aug_gen)
     )
-    prep_spec = TRANSFER_PREPROCESSING if transfer else {}
+    prep_spec = parts.preprocessing
     prep = Preprocessing(size, prep_spec)
 
     def prepare(pixels):
@@ -303,7 +450,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         sampler = DistributedSampler(
             train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
         )
-    elif transfer:
+    elif parts.balanced:
         # Classes balanced by sampling (so no loss weights), sources within a class partly.
         class_weight = None
         sampler = torch.utils.data.WeightedRandomSampler(
@@ -358,7 +505,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
-    criterion = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=cfg.label_smoothing)
+    criterion = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=parts.label_smoothing)
 
     start_epoch, best_auc, best_epoch, bad_epochs, history = 0, -1.0, -1, 0, []
     last_path, best_path = out / "last.pt", out / "best.pt"
@@ -498,8 +645,9 @@ def export_run(
 ) -> None:
     """Write ``model.safetensors`` (fp16, best epoch) and ``model.json`` for a run.
 
-    A ``transfer`` run also fits a softmax temperature on the val split (minimum negative
-    log-likelihood over a grid) and chooses its threshold on the calibrated probabilities.
+    A ``transfer`` run (unless its ``temperature`` ingredient is switched off) also fits a
+    softmax temperature on the val split (minimum negative log-likelihood over a grid) and chooses
+    its threshold on the calibrated probabilities.
     """
     from safetensors.torch import save_file
 
@@ -512,7 +660,8 @@ def export_run(
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()})
     logits, targets = predict_loader(model, val_loader, device, logits=True)
-    temperature = fit_temperature(logits, targets) if cfg.recipe == "transfer" else 1.0
+    parts = recipe_parts(cfg.recipe, cfg.without, cfg.label_smoothing)
+    temperature = fit_temperature(logits, targets) if parts.temperature else 1.0
     probs = _softmax(logits / temperature)
     threshold = choose_threshold(
         (targets == LABELS.index("covid")).astype(int), probs[:, LABELS.index("covid")]
@@ -529,6 +678,11 @@ def export_run(
         "preprocessing": preprocessing or {"pipeline": "resize"},
         "temperature": temperature,
         "recipe": cfg.recipe,
+        **(
+            {"recipe_without": list(cfg.without), "recipe_variant": parts.variant}
+            if cfg.without
+            else {}
+        ),
         "covid_threshold": threshold,
         "threshold_rule": "maximum Youden J of COVID-vs-rest on the val split",
         "best_epoch": int(best["epoch"]) + 1,
