@@ -1,13 +1,20 @@
-"""Make the committed sample chest radiographs in ``sample_dicoms/`` from pydicom-data's RG1 CR.
+"""Make the committed sample chest radiographs in ``sample_dicoms/``.
 
-Source: ``RG1_UNCR.dcm`` from PyPI ``pydicom-data`` (MIT licence), a real PA chest computed
-radiograph (1955 x 1841, MONOCHROME1, 15 bits stored) from David Clunie's compressed-sample set,
-already anonymised there as ``CompressedSamples^RG1``.
+Two kinds of sample:
 
-Each output is the same chest, downsampled with an antialiased Lanczos filter to
-:data:`LONG_SIDE` pixels on the long side (15-bit range kept), de-identified again under our own
-sample identity, with new deterministic UIDs and its own single-image study, so PACS tests can
-send every file as a separate study. See ``README.md`` next to this script.
+* **Encodings** (``chest_*.dcm``, seven files): ``RG1_UNCR.dcm`` from PyPI ``pydicom-data`` (MIT
+  licence), a real PA chest computed radiograph (1955 x 1841, MONOCHROME1, 15 bits stored) from
+  David Clunie's compressed-sample set, already anonymised there as ``CompressedSamples^RG1``.
+  Each output is the same chest, downsampled with an antialiased Lanczos filter to
+  :data:`LONG_SIDE` pixels on the long side (15-bit range kept), de-identified again under our own
+  sample identity, stored in another encoding. They carry no diagnosis.
+* **Labelled films** (:data:`LABELLED`: ``covid19_cr_pa.dcm``, ``pneumonia_cr_pa.dcm``): one
+  COVID-19 and one non-COVID pneumonia film from the *train* split of the labelled development
+  set (``$DICOM_COVID_DATA``), openly licensed (CC BY), converted to DICOM CR, so the quick start
+  and the viewer demo show both outcomes. Skipped when the development set is absent.
+
+Every file gets new deterministic UIDs and its own single-image study, so PACS tests can send
+every file as a separate study. See ``README.md`` next to this script.
 
 Run once from the repository root (outputs are committed)::
 
@@ -23,12 +30,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +49,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -85,6 +96,61 @@ REMOVE = (
     "Sensitivity",  # 0 in the original: not recorded
     "ProcessingFunction",  # vendor processing parameters, meaningless after resampling
 )
+
+
+@dataclass(frozen=True)
+class LabelledSample:
+    """A labelled film of the development set's train split, to be stored as a DICOM CR.
+
+    The manifest row at ``manifest_path`` must carry ``label``, ``licence`` and split ``train``;
+    the script stops otherwise, so a changed data set cannot silently swap the image.
+    """
+
+    name: str  #: output file stem
+    number: int  #: accession number suffix (the seven encodings use 1..7)
+    manifest_path: str  #: ``path`` column of ``manifest.csv``
+    label: str  #: expected manifest label
+    licence: str  #: expected ``license`` column
+    finding: str  #: what the Image Comments and Study Description call it
+    patient_name: str
+    patient_id: str
+    #: burned-in text to blank before conversion: (first row, last row + 1, first col, last col + 1)
+    blank: tuple[int, int, int, int] | None = None
+
+
+#: The labelled films, chosen because the bundle's default model (efficientnet_lite0_v2) classifies
+#: them correctly without abstaining; ``tests/test_predict.py`` checks that it still does.
+LABELLED = (
+    LabelledSample(
+        name="covid19_cr_pa",
+        number=8,
+        manifest_path="images/ieee8023/12941_2020_358_Fig1_HTML.jpg",
+        label="covid",
+        licence="CC BY 4.0",
+        finding="COVID-19 pneumonia",
+        patient_name="Sample^Covid19",
+        patient_id="DCOVID-SAMPLE-002",
+    ),
+    LabelledSample(
+        name="pneumonia_cr_pa",
+        number=9,
+        manifest_path="images/ieee8023/X-ray_of_cyst_in_pneumocystis_pneumonia_1.jpg",
+        label="pneumonia",
+        licence="CC BY",
+        finding="Pneumocystis pneumonia (non-COVID)",
+        patient_name="Sample^Pneumonia",
+        patient_id="DCOVID-SAMPLE-003",
+        blank=(0, 10, 376, 457),  # the date printed on the film, top right
+    ),
+)
+#: Nominal study date of the labelled films: the date of the source repository snapshot
+#: (ieee8023/covid-chestxray-dataset as hida6's fork, 2020-06-22); the real dates are unknown.
+LABELLED_DATE = "20200622"
+#: The labelled films are published as 8-bit JPEGs; they are stored with 12 bits, as a CR would be.
+LABELLED_BITS = 12
+#: Nominal field of view of the long side in mm (a 35 x 43 cm or 43 x 43 cm plate); the published
+#: images carry no calibration, so Pixel Spacing is this divided by the long side in pixels.
+LABELLED_FIELD_MM = 430.0
 
 
 def _uid(name: str, what: str) -> str:
@@ -215,6 +281,114 @@ def to_dx(ds: Dataset) -> None:
             delattr(ds, keyword)
 
 
+def manifest_row(data_dir: Path, sample: LabelledSample) -> dict[str, str]:
+    """The manifest row of ``sample``, checked against its expected label, licence and split."""
+    with open(data_dir / "manifest.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["path"] == sample.manifest_path]
+    if len(rows) != 1:
+        raise SystemExit(f"{sample.manifest_path}: {len(rows)} manifest rows, expected 1")
+    row = rows[0]
+    found = (row["label"], row["license"], row["split"])
+    if found != (sample.label, sample.licence, "train"):
+        raise SystemExit(
+            f"{sample.manifest_path}: manifest says label/licence/split {found}, expected "
+            f"{(sample.label, sample.licence, 'train')}; choose another image"
+        )
+    return row
+
+
+def labelled_pixels(path: Path, sample: LabelledSample) -> np.ndarray:
+    """The published 8-bit film as :data:`LABELLED_BITS`-bit MONOCHROME2 pixels.
+
+    Burned-in text in ``sample.blank`` is replaced by the median of the rows just below it.
+    """
+    pixels = np.asarray(Image.open(path).convert("L")).astype(np.uint32)
+    if sample.blank is not None:
+        r0, r1, c0, c1 = sample.blank
+        pixels[r0:r1, c0:c1] = np.uint32(np.median(pixels[r1 : r1 + 4, c0:c1]))
+    if max(pixels.shape) > 1024:
+        raise SystemExit(f"{path.name}: {pixels.shape}, expected at most 1024 px a side")
+    maximum = 2**LABELLED_BITS - 1
+    return ((pixels * maximum + 127) // 255).astype(np.uint16)
+
+
+def labelled_dataset(row: dict[str, str], pixels: np.ndarray, sample: LabelledSample) -> Dataset:
+    """A de-identified DICOM CR (MONOCHROME2) of a labelled film with new deterministic UIDs."""
+    ds = Dataset()
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = _uid(sample.name, "instance")
+    ds.InstanceCreationDate = ds.StudyDate = ds.SeriesDate = ds.ContentDate = LABELLED_DATE
+    ds.InstanceCreationTime = ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+
+    # patient: one sample patient per film, nothing of the original identity
+    ds.PatientName = sample.patient_name
+    ds.PatientID = sample.patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = [  # LO: 64 characters a value
+        "dicom-covid make_samples.py from a published JPEG",
+        "sample patient name and ID; birth date and sex empty",
+        "nominal dates; no institution or device; new UIDs",
+        "burned-in date blanked" if sample.blank else "no burned-in identifiers found",
+    ]
+    ds.DeidentificationMethodCodeSequence = Sequence(
+        [_code("113100", "DCM", "Basic Application Confidentiality Profile")]
+    )
+
+    # study and series: one single-image study per film
+    ds.StudyInstanceUID = _uid(sample.name, "study")
+    ds.SeriesInstanceUID = _uid(sample.name, "series")
+    ds.AccessionNumber = f"DCSAMPLE{sample.number:02d}"
+    ds.StudyID = f"SAMPLE{sample.number:02d}"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "XR CHEST PA (dicom-covid labelled sample, research use only)"
+    ds.Modality = "CR"
+    ds.SeriesNumber = 1
+    ds.SeriesDescription = f"dicom-covid sample {sample.name}"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = row["view"]
+    ds.Manufacturer = ""
+
+    # image
+    ds.InstanceNumber = 1
+    ds.PatientOrientation = ["L", "F"]  # frontal film shown as if facing the patient
+    ds.ImageType = ["DERIVED", "PRIMARY"]
+    ds.DerivationDescription = (
+        f"published 8-bit JPEG ({row['width']}x{row['height']}) scaled to "
+        f"{LABELLED_BITS} bits" + ("; burned-in date blanked" if sample.blank else "")
+    )
+    ds.LossyImageCompression = "01"  # the published image is a JPEG
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    ds.BurnedInAnnotation = "NO"
+    ds.ImageComments = (
+        f"RESEARCH USE ONLY. dicom-covid labelled sample: {sample.finding} "
+        f"(development set label '{sample.label}', train split). Source: ieee8023 "
+        f"covid-chestxray-dataset, {row['original_url']}, licence {sample.licence}; "
+        "see sample_dicoms/README.md for attribution. Shows an outcome; "
+        "never a measure of accuracy."
+    )
+    rows, cols = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated = 16
+    ds.BitsStored = LABELLED_BITS
+    ds.HighBit = LABELLED_BITS - 1
+    ds.PixelRepresentation = 0
+    spacing = f"{LABELLED_FIELD_MM / max(rows, cols):.4f}"
+    ds.ImagerPixelSpacing = [spacing, spacing]
+    ds.PixelSpacing = [spacing, spacing]  # not calibrated: equal to the nominal detector pitch
+    ds.RescaleIntercept = "0"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "US"
+    ds.WindowCenter = f"{2 ** (LABELLED_BITS - 1)}"
+    ds.WindowWidth = f"{2**LABELLED_BITS}"
+    ds.PixelData = pixels.tobytes()
+    ds["PixelData"].VR = "OW"
+    return ds
+
+
 def finish(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> Dataset:
     """Add file meta information for ``transfer_syntax`` (native, before any compression)."""
     meta = FileMetaDataset()
@@ -260,9 +434,21 @@ def validate(path: Path) -> tuple[list[str], list[str]]:
     )
 
 
+def _default_data_dir() -> Path:
+    """``$DICOM_COVID_DATA``, else ``../shared/data/cxr`` next to the repository."""
+    env = os.environ.get("DICOM_COVID_DATA")
+    return Path(env) if env else HERE.parent.parent / "shared" / "data" / "cxr"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE, help="output folder")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="labelled development set (default: $DICOM_COVID_DATA, else ../shared/data/cxr)",
+    )
     args = parser.parse_args(argv)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -308,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     failed = False
     total = 0
+    jobs: list[tuple[Path, np.ndarray, str]] = []
     for number, (name, build, save, expected_ts) in enumerate(plan, start=1):
         path = out / f"{name}.dcm"
         if save is dcmtk_jpeg_lossless and shutil.which("dcmcjpeg") is None:
@@ -315,6 +502,21 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ds, pixels = build(name, number)
         save(ds, pixels, path)
+        jobs.append((path, pixels, expected_ts))
+
+    data_dir = args.data or _default_data_dir()
+    labelled = LABELLED if (data_dir / "manifest.csv").is_file() else ()
+    if not labelled:
+        print(f"labelled samples: skipped (no manifest.csv in {data_dir}; set --data)")
+    for sample in labelled:
+        row = manifest_row(data_dir, sample)
+        pixels = labelled_pixels(data_dir / sample.manifest_path, sample)
+        path = out / f"{sample.name}.dcm"
+        write(finish(labelled_dataset(row, pixels, sample)), path)
+        print(f"{sample.manifest_path} ({row['license']}) -> {path.name}")
+        jobs.append((path, pixels, ExplicitVRLittleEndian))
+
+    for path, pixels, expected_ts in jobs:
         back = pydicom.dcmread(path)
         if back.file_meta.TransferSyntaxUID != expected_ts:
             raise SystemExit(f"{path.name}: transfer syntax {back.file_meta.TransferSyntaxUID}")

@@ -200,7 +200,7 @@ def test_inference_config_on_sample_dicoms(
         )
     )
     rows, summary = _read_predictions(out, "efficientnet_lite0")
-    assert len(rows) == len(sorted(sample_dir.glob("*.dcm"))) == 7
+    assert len(rows) == len(sorted(sample_dir.glob("*.dcm"))) == 9  # 7 encodings + 2 labelled
     assert summary["disclaimer"] == DISCLAIMER and summary["rejected"] == []
     assert summary["labels"] == list(LABELS)
     _check_against_predictor(rows, Predictor(throwaway))
@@ -217,7 +217,7 @@ def test_inference_config_with_the_real_default_model(tmp_path: Path) -> None:
         )
     )
     rows, summary = _read_predictions(out, bundle.default_model)
-    assert len(rows) == 7 and summary["bundle_version"] == bundle.version
+    assert len(rows) == 9 and summary["bundle_version"] == bundle.version
     _check_against_predictor(rows, Predictor())
 
 

@@ -1,8 +1,8 @@
 """Tests of :mod:`dicom_covid.reader`: decoding paths, grey-level handling, bitmaps, rejections.
 
 Most cases are generated at test time in ``tmp_path`` from the committed samples in
-``sample_dicoms/`` (one real PA chest CR in several encodings, see its README) and from
-pydicom's test files; nothing generated here is committed.
+``sample_dicoms/`` (one real PA chest CR in several encodings, plus two labelled films, see its
+README) and from pydicom's test files; nothing generated here is committed.
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ SAMPLE_TABLE = [
     ("chest_cr_jpegls.dcm", JPEGLSLossless, "MONOCHROME1", "CR"),
     ("chest_cr_rle.dcm", RLELossless, "MONOCHROME1", "CR"),
     ("chest_cr_jpeg_lossless.dcm", JPEGLosslessSV1, "MONOCHROME1", "CR"),
+]
+#: labelled sample file, patient ID, rows, columns (COVID-19 and non-COVID pneumonia films)
+LABELLED_TABLE = [
+    ("covid19_cr_pa.dcm", "DCOVID-SAMPLE-002", 512, 512),
+    ("pneumonia_cr_pa.dcm", "DCOVID-SAMPLE-003", 408, 512),
 ]
 
 
@@ -138,7 +143,10 @@ def _half_frame(name: str) -> bytes:
 
 
 def test_samples_table_covers_every_committed_dicom():
-    assert sorted(p.name for p in SAMPLES.glob("*.dcm")) == sorted(row[0] for row in SAMPLE_TABLE)
+    tables = [row[0] for row in SAMPLE_TABLE + LABELLED_TABLE]
+    assert sorted(p.name for p in SAMPLES.glob("*.dcm")) == sorted(tables)
+    # Tests that need "the same chest in every encoding" select chest_*.dcm.
+    assert sorted(p.name for p in SAMPLES.glob("chest_*.dcm")) == sorted(r[0] for r in SAMPLE_TABLE)
 
 
 @pytest.mark.parametrize(("name", "transfer_syntax", "photometric", "modality"), SAMPLE_TABLE)
@@ -173,6 +181,37 @@ def test_samples_are_deidentified_single_image_studies():
         assert "NO diagnosis label" in h.ImageComments
     for row in SAMPLE_TABLE:
         assert b"CompressedSamples" not in (SAMPLES / row[0]).read_bytes()
+
+
+def test_every_sample_is_its_own_study():
+    names = [row[0] for row in SAMPLE_TABLE + LABELLED_TABLE]
+    headers = [pydicom.dcmread(SAMPLES / name, stop_before_pixels=True) for name in names]
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber"):
+        assert len({h.get(keyword) for h in headers}) == len(names), keyword
+
+
+@pytest.mark.parametrize(("name", "patient_id", "rows", "columns"), LABELLED_TABLE)
+def test_labelled_samples_are_deidentified_chest_crs(name, patient_id, rows, columns):
+    h = pydicom.dcmread(SAMPLES / name)
+    assert h.SOPClassUID == ComputedRadiographyImageStorage
+    assert h.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert h.file_meta.MediaStorageSOPInstanceUID == h.SOPInstanceUID
+    assert (h.Modality, h.BodyPartExamined, h.ViewPosition) == ("CR", "CHEST", "PA")
+    assert h.PatientID == patient_id and str(h.PatientName).startswith("Sample^")
+    assert (h.PatientBirthDate, h.PatientSex) == ("", "")
+    assert h.PatientIdentityRemoved == "YES" and h.BurnedInAnnotation == "NO"
+    assert "InstitutionName" not in h and h.ReferringPhysicianName == ""
+    assert h.ImageComments.startswith("RESEARCH USE ONLY") and "licence CC BY" in h.ImageComments
+    assert all(0.5 < float(v) < 1.0 for v in h.PixelSpacing)
+    image = read_image(SAMPLES / name)
+    assert image.shape == (rows, columns) and max(image.shape) <= 1024
+    assert (image.modality, image.photometric_interpretation, image.bits_stored) == (
+        "CR",
+        "MONOCHROME2",
+        12,
+    )
+    assert image.pixels.min() >= 0.0 and image.pixels.max() <= 1.0
+    assert image.pixels.std() > 0.1  # a real film, not a blank
 
 
 def test_jpeg_baseline_of_the_chest_reads_close_to_the_reference(tmp_path, reference):
