@@ -550,6 +550,19 @@ class WorkerConfig:
         same study) listing each image whose outcome is "suspected", for worklists that raise
         the priority of studies with a KOS (default False). Never for "not suspected" or
         "indeterminate".
+    workers : int
+        Worker processes (default 1), each with its own copy of the model, sharing the job
+        store (claims are exclusive). More than one pays on a machine with spare cores or on
+        GPUs; each takes about the model's memory again.
+    batch_size : int
+        Images (from one or more studies) a worker claims and runs through the network as one
+        batch (default 8; 1 disables batching).
+    batch_wait : float
+        Seconds a worker waits for more ready images when it claimed fewer than
+        ``batch_size`` (default 0.05; 0 runs at once with what is ready).
+    threads : int or None
+        Torch intra-op threads per worker (default None: the CPU cores divided evenly among
+        the workers, at least 1).
     """
 
     bundle: Path | None = None
@@ -563,9 +576,22 @@ class WorkerConfig:
     disk_retry_max: float = 120.0
     abstention: dict[str, Any] = field(default_factory=dict)
     kos_for_suspected: bool = False
+    workers: int = 1
+    batch_size: int = 8
+    batch_wait: float = 0.05
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         from dicom_covid.abstention import AbstentionPolicy
+
+        if not 1 <= self.workers <= 64:
+            raise ConfigError("workers must be between 1 and 64.")
+        if not 1 <= self.batch_size <= 256:
+            raise ConfigError("batch_size must be between 1 and 256.")
+        if not 0 <= self.batch_wait <= 10:
+            raise ConfigError("batch_wait must be between 0 and 10 seconds.")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads must be at least 1.")
 
         try:
             AbstentionPolicy.from_facts({}, self.abstention)

@@ -497,16 +497,49 @@ class JobStore:
         job already claimed ``max_attempts`` times (the worker died on it each time) is failed
         instead of being handed out again.
         """
+        jobs = self.claim_jobs(worker, 1, max_attempts, now)
+        return jobs[0] if jobs else None
+
+    def claim_jobs(
+        self, worker: str, max_images: int, max_attempts: int = 3, now: float | None = None
+    ) -> list[Job]:
+        """Claim the oldest ready jobs for ``worker`` until they hold ``max_images`` images.
+
+        The claims are made in one transaction, so two workers never claim the same job. At
+        least one job is claimed when any is ready, however many images it holds; further jobs
+        are added while the images to analyse stay within ``max_images``. Ready means
+        ``grouped``, or ``waiting_for_disk`` whose ``not_before`` time has come; a job already
+        claimed ``max_attempts`` times is failed instead (see :meth:`claim_job`).
+
+        Parameters
+        ----------
+        worker : str
+            Name of the claiming worker, recorded in ``claimed_by`` (what
+            :meth:`release_running` releases when that worker dies).
+        max_images : int
+            Batch size in images (at least 1).
+        max_attempts : int
+            Claims after which a job is failed as ``worker_crashed``.
+        now : float, optional
+            Clock (tests).
+
+        Returns
+        -------
+        list of Job
+            Oldest first; empty when nothing is ready.
+        """
         now = time.time() if now is None else now
+        claimed: list[Job] = []
+        images = 0
         with self._tx() as con:
-            while True:
-                row = con.execute(
-                    "SELECT * FROM jobs WHERE state = 'grouped' OR (state = 'waiting_for_disk' "
-                    "AND COALESCE(not_before, 0) <= ?) ORDER BY id LIMIT 1",
-                    (now,),
-                ).fetchone()
-                if row is None:
-                    return None
+            rows = con.execute(
+                "SELECT j.*, (SELECT COUNT(*) FROM instances i WHERE i.job_id = j.id AND "
+                "i.state IN ('grouped', 'inferred')) AS todo FROM jobs j "
+                "WHERE j.state = 'grouped' OR (j.state = 'waiting_for_disk' "
+                "AND COALESCE(j.not_before, 0) <= ?) ORDER BY j.id LIMIT ?",
+                (now, max(1, max_images) + 16),
+            ).fetchall()
+            for row in rows:
                 if row["attempts"] >= max_attempts:
                     reason = (
                         f"worker_crashed: the worker stopped while processing this job "
@@ -515,12 +548,20 @@ class JobStore:
                     self._fail_job(con, row["id"], reason, now)
                     logger.error("job %d: failed, %s", row["id"], reason)
                     continue
+                if claimed and images + row["todo"] > max_images:
+                    break
                 con.execute(
                     "UPDATE jobs SET state = 'running', attempts = attempts + 1, claimed_by = ?, "
                     "started_at = ?, updated_at = ? WHERE id = ?",
                     (worker, now, now, row["id"]),
                 )
-                return Job(row["id"], row["study_instance_uid"], "running", row["attempts"] + 1)
+                claimed.append(
+                    Job(row["id"], row["study_instance_uid"], "running", row["attempts"] + 1)
+                )
+                images += row["todo"]
+                if images >= max_images:
+                    break
+        return claimed
 
     def wait_for_disk(
         self,
@@ -708,7 +749,7 @@ class JobStore:
             )
             return self._refresh_job(con, job_id, now)
 
-    def release_running(self, count_attempt: bool = True) -> int:
+    def release_running(self, count_attempt: bool = True, claimed_by: str | None = None) -> int:
         """Put jobs left ``running`` (worker stopped or crashed) back to ``grouped``.
 
         Parameters
@@ -718,13 +759,25 @@ class JobStore:
             the job while the service ran). False when a new service run finds jobs its
             predecessor left running: the whole service stopped (kill -9, power cut, container
             restart), which says nothing about the job, so repeated restarts never fail it.
+        claimed_by : str, optional
+            Release only the jobs this worker claimed (one of several workers died; the others'
+            jobs stay theirs). Default: every running job.
+
+        Returns
+        -------
+        int
+            Number of jobs released.
         """
+        where, args = "state = 'running'", [time.time(), int(count_attempt)]
+        if claimed_by is not None:
+            where += " AND claimed_by = ?"
+            args.append(claimed_by)
         with self._tx() as con:
             n = con.execute(
                 "UPDATE jobs SET state = 'grouped', claimed_by = NULL, updated_at = ?, "
                 "attempts = CASE WHEN ? THEN attempts ELSE MAX(attempts - 1, 0) END "
-                "WHERE state = 'running'",
-                (time.time(), int(count_attempt)),
+                f"WHERE {where}",
+                args,
             ).rowcount
             con.execute(
                 "UPDATE instances SET state = 'grouped' WHERE state = 'inferred' "

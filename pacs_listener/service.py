@@ -1,10 +1,10 @@
-"""The PACS service: listener, study grouping, worker process and sender, run together.
+"""The PACS service: listener, study grouping, worker processes and sender, run together.
 
 :class:`Service` owns the state folder and wires the parts::
 
     PACS ──C-STORE──► StorageSCP ──► spool/ + jobs.sqlite ◄── grouper (quiet period)
                                           │
-                        worker process ◄──┘ (claims grouped jobs; torch lives only there)
+                   worker process(es) ◄──┘ (claim batches of grouped jobs; torch lives only there)
                                           │ results/ + pending deliveries
                                           ▼
                                        Sender ──C-STORE──► destinations / output folder
@@ -12,7 +12,11 @@
 On start it removes incomplete temporary files, puts jobs a previous run left ``running`` back
 in the queue, and resumes pending deliveries. :meth:`Service.run` blocks until SIGINT/SIGTERM
 (or :meth:`Service.stop`), then shuts down in order: stop listening, stop grouping, let the
-worker finish its job, let the sender finish its association.
+workers finish their batches, let the sender finish its association.
+
+``[worker] workers`` (``serve --workers N``) starts N worker processes on the same job store;
+claims are exclusive, and when one worker dies only the jobs it claimed go back to the queue
+(the others keep theirs) and it is restarted after a backoff.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import signal
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,17 @@ from .spool import Spool, ensure_private_dir
 __all__ = ["Service", "ServiceError"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _WorkerSlot:
+    """One of the service's worker processes and its restart state."""
+
+    index: int
+    process: Any = None
+    ready: bool = False
+    restarts: int = 0
+    restart_at: float = 0.0
 
 
 class ServiceError(DicomCovidError):
@@ -65,7 +81,7 @@ class Service:
         self.scp: StorageSCP | None = None
         self.sender: Sender | None = None
         self._ctx = multiprocessing.get_context("spawn")
-        self._worker: Any = None
+        self._workers: list[_WorkerSlot] = []
         self._worker_stop: Any = None
         self._status: Any = None
         self._log_queue: Any = None
@@ -135,7 +151,11 @@ class Service:
         self.sender = Sender(self.store, c.sender(), on_job_delivered=self._cleanup_job)
         self.sender.start()
         self._start_thread(self._group_loop, "grouper")
-        self._start_worker()
+        self._worker_stop = self._ctx.Event()
+        self._status = self._ctx.Queue()
+        self._workers = [_WorkerSlot(i) for i in range(c.worker.workers)]
+        for slot in self._workers:
+            self._start_worker(slot)
         self._start_thread(self._monitor_loop, "worker monitor")
         if wait_ready:
             deadline = time.monotonic() + timeout
@@ -214,29 +234,50 @@ class Service:
         t.start()
         self._threads.append(t)
 
-    def _start_worker(self) -> None:
+    def _start_worker(self, slot: _WorkerSlot) -> None:
         from .worker import worker_main
 
-        self._worker_stop = self._ctx.Event()
-        self._status = self._ctx.Queue()
-        self._worker = self._ctx.Process(
+        slot.ready = False
+        slot.process = self._ctx.Process(
             target=worker_main,
-            args=(self.config, self._worker_stop, self._status, self._log_queue, self.log_level),
-            name="dicom-covid-worker",
+            args=(
+                self.config,
+                self._worker_stop,
+                self._status,
+                self._log_queue,
+                self.log_level,
+                slot.index,
+            ),
+            name=f"dicom-covid-worker-{slot.index + 1}",
             daemon=True,
         )
-        self._worker.start()
-        logger.info("worker process %d started; loading the model", self._worker.pid)
+        slot.process.start()
+        logger.info(
+            "worker %d/%d (process %d) started; loading the model",
+            slot.index + 1,
+            len(self._workers),
+            slot.process.pid,
+        )
 
     @property
     def ready(self) -> bool:
-        """True once the worker has loaded the model."""
+        """True once the workers have loaded the model (and while at least one runs)."""
         return self._worker_ready.is_set()
 
     @property
     def worker_pid(self) -> int | None:
-        """Process id of the worker (None when not running)."""
-        return self._worker.pid if self._worker is not None else None
+        """Process id of the first worker (None when not running)."""
+        pids = self.worker_pids
+        return pids[0] if pids else None
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the running workers."""
+        return [
+            slot.process.pid
+            for slot in self._workers
+            if slot.process is not None and slot.process.pid is not None
+        ]
 
     def run(self) -> int:
         """Block until SIGINT/SIGTERM or :meth:`stop`; return the exit status (0 or 1)."""
@@ -263,14 +304,22 @@ class Service:
         if self.scp is not None:
             self.scp.stop()
             self.scp = None
-        if self._worker is not None:
+        if self._workers:
             self._worker_stop.set()
-            self._worker.join(worker_timeout)
-            if self._worker.is_alive():
-                logger.warning("worker did not stop within %.0f s; terminating it", worker_timeout)
-                self._worker.terminate()
-                self._worker.join(10)
-            self._worker = None
+            deadline = time.monotonic() + worker_timeout
+            for slot in self._workers:
+                if slot.process is None:
+                    continue
+                slot.process.join(max(0.0, deadline - time.monotonic()))
+                if slot.process.is_alive():
+                    logger.warning(
+                        "worker %d did not stop within %.0f s; terminating it",
+                        slot.index + 1,
+                        worker_timeout,
+                    )
+                    slot.process.terminate()
+                    slot.process.join(10)
+            self._workers = []
         if self.sender is not None:
             self.sender.stop()
             self.sender = None
@@ -316,7 +365,7 @@ class Service:
             try:
                 record = q.get(timeout=0.5)
             except queue.Empty:
-                if self._stop.is_set() and self._worker is None:
+                if self._stop.is_set() and not self._workers:
                     return
                 continue
             except (EOFError, OSError):
@@ -352,36 +401,66 @@ class Service:
     def _monitor_loop(self) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(queue.Empty, EOFError, OSError):
-                kind, detail = self._status.get(timeout=0.5)
+                kind, index, detail = self._status.get(timeout=0.5)
+                slot = self._workers[index]
                 if kind == "ready":
-                    logger.info("worker ready (model %s); service running", detail)
-                    self._worker_ready.set()
+                    slot.ready = True
+                    if all(s.ready for s in self._workers) and not self._worker_ready.is_set():
+                        n = len(self._workers)
+                        logger.info(
+                            "%s ready (model %s); service running",
+                            "worker" if n == 1 else f"{n} workers",
+                            detail,
+                        )
+                        self._worker_ready.set()
+                    elif self._worker_ready.is_set():
+                        logger.info("worker %d ready again (model %s)", index + 1, detail)
                 else:
                     self._fatal = f"the worker cannot load the model: {detail}"
                     self._stop.set()
                     return
-            w = self._worker
-            if w is not None and not w.is_alive() and not self._stop.is_set():
-                if not self._worker_ready.is_set():
-                    self._fatal = (
-                        f"the worker process exited (exit code {w.exitcode}) before it loaded "
-                        "the model; see the messages above"
-                    )
-                    self._stop.set()
+            for slot in self._workers:
+                if self._stop.is_set():
                     return
-                self._worker_ready.clear()
-                self._restarts += 1
-                delay = min(60.0, 2.0 ** min(self._restarts, 6))
-                logger.error(
-                    "worker process exited unexpectedly (exit code %s); its job goes back to the "
-                    "queue and a new worker starts in %.0f s",
-                    w.exitcode,
-                    delay,
-                )
-                self.store.release_running()
-                if self._stop.wait(delay):
-                    return
-                self._start_worker()
+                w = slot.process
+                if w is None or w.is_alive():
+                    if w is None and time.monotonic() >= slot.restart_at:
+                        self._start_worker(slot)
+                    continue
+                self._worker_died(slot)
+
+    def _worker_died(self, slot: _WorkerSlot) -> None:
+        """A worker process exited on its own: release its jobs, restart it after a backoff."""
+        from .worker import worker_name
+
+        w = slot.process
+        assert w is not None
+        if not self._worker_ready.is_set():
+            self._fatal = (
+                f"the worker process exited (exit code {w.exitcode}) before it loaded "
+                "the model; see the messages above"
+            )
+            self._stop.set()
+            return
+        slot.ready = False
+        slot.process = None
+        slot.restarts += 1
+        self._restarts += 1
+        delay = min(60.0, 2.0 ** min(slot.restarts, 6))
+        slot.restart_at = time.monotonic() + delay
+        if not any(s.ready for s in self._workers):
+            self._worker_ready.clear()
+        assert self.store is not None
+        released = self.store.release_running(claimed_by=worker_name(w.pid))
+        logger.error(
+            "worker %d (process %d) exited unexpectedly (exit code %s); its %d job(s) go "
+            "back to the queue and a new worker starts in %.0f s",
+            slot.index + 1,
+            w.pid,
+            w.exitcode,
+            released,
+            delay,
+        )
 
     def _cleanup_job(self, job_id: int) -> None:
         """Delete a delivered job's received images and result files (unless keep_spool)."""

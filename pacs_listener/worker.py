@@ -28,6 +28,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,14 @@ from .jobs import Instance, Job, JobStore, ResultFile
 from .logguard import keep_template
 from .spool import atomic_write, ensure_private_dir, free_bytes, is_disk_full, safe_name
 
-__all__ = ["JobProcessor", "load_analysis", "worker_main"]
+__all__ = [
+    "Analysis",
+    "JobProcessor",
+    "load_analysis",
+    "torch_threads",
+    "worker_main",
+    "worker_name",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +90,47 @@ def scrub(text: str, ds: pydicom.Dataset | None) -> str:
     return text
 
 
+class Analysis:
+    """The loaded model: ``analysis(dataset)`` for one image, :meth:`batch` for several.
+
+    Built by :func:`load_analysis`; holds the predictor and its Grad-CAM explainer.
+
+    Attributes
+    ----------
+    model_name : str
+        The model's name in the bundle.
+    bundle_version : str
+        The bundle's version.
+    """
+
+    def __init__(self, predictor: Any, explainer: Any = None) -> None:
+        self.predictor = predictor
+        self.explainer = explainer
+        self.model_name: str = predictor.facts.name
+        self.bundle_version: str = predictor.bundle.version
+
+    def __call__(self, ds: pydicom.Dataset) -> Any:
+        """Results of one image (:func:`dicom_covid.results.analyse`); raises on failure."""
+        from dicom_covid.results import analyse
+
+        return analyse(ds, self.predictor, self.explainer)
+
+    def batch(self, datasets: Sequence[pydicom.Dataset]) -> list[Any]:
+        """Results of several images from one batched forward pass, or each one's exception
+        (:func:`dicom_covid.results.analyse_batch`)."""
+        from dicom_covid.results import analyse_batch
+
+        return analyse_batch(datasets, self.predictor, self.explainer, max(1, len(datasets)))
+
+
 def load_analysis(
     bundle: Path | None,
     model: str | None,
     device: str = "cpu",
     explain: bool = True,
     abstention: Mapping[str, Any] | None = None,
-) -> Callable[[pydicom.Dataset], Any]:
-    """Load the model once and return ``analyse(dataset) -> ResultSet``.
+) -> Analysis:
+    """Load the model once and return the :class:`Analysis` that runs it.
 
     ``abstention`` holds the site's overrides of the model's abstention policy (see
     :class:`dicom_covid.abstention.AbstentionPolicy`).
@@ -100,7 +141,6 @@ def load_analysis(
         When the bundle or model cannot be loaded.
     """
     from dicom_covid.inference import Predictor
-    from dicom_covid.results import analyse
 
     predictor = Predictor(bundle, model, device=device, abstention=abstention)
     explainer = None
@@ -108,13 +148,7 @@ def load_analysis(
         from dicom_covid.explain import Explainer
 
         explainer = Explainer(predictor)
-
-    def run(ds: pydicom.Dataset) -> Any:
-        return analyse(ds, predictor, explainer)
-
-    run.model_name = predictor.facts.name  # type: ignore[attr-defined]
-    run.bundle_version = predictor.bundle.version  # type: ignore[attr-defined]
-    return run
+    return Analysis(predictor, explainer)
 
 
 #: Space assumed for an image's results when its record has no estimate (1 MiB SR + SC margin).
@@ -240,37 +274,79 @@ class JobProcessor:
 
     def process(self, job: Job) -> str:
         """Analyse every grouped image of ``job``; return the job's new state."""
+        return self.process_batch([job])[job.id]
+
+    def process_batch(self, jobs: Sequence[Job]) -> dict[int, str]:
+        """Analyse every grouped image of ``jobs`` in one batched forward pass.
+
+        Each image is read and checked on its own; those that pass go through the network
+        together (``analyse.batch`` when the analysis has it, else one by one); each result is
+        written and recorded on its own. A failing image fails only itself; a job that runs out
+        of disk space waits (:meth:`wait_for_disk`) without holding up the others.
+
+        Returns
+        -------
+        dict
+            Job id to the job's new state.
+        """
         t0 = time.monotonic()
-        todo = self.store.job_instances(job.id, states=("grouped", "inferred"))
-        logger.info(
-            "job %d: study %s started (attempt %d, %d image(s))",
-            job.id,
-            job.study_instance_uid,
-            job.attempts,
-            len(todo),
-        )
-        ok = failed = 0
-        try:
-            for inst in todo:
-                if self._process_image(job, inst):
-                    ok += 1
-                else:
-                    failed += 1
-        except NoDiskSpace as exc:
-            return self.wait_for_disk(job, str(exc), ok)
-        state = self.store.finish_job(job.id)
-        reason = self.store.job(job.id).reason if state == "failed" else None
-        logger.info(
-            "job %d: study %s %s in %.2f s: %d image(s) analysed, %d failed%s",
-            job.id,
-            job.study_instance_uid,
-            state,
-            time.monotonic() - t0,
-            ok,
-            failed,
-            f" ({reason})" if reason else "",
-        )
-        return state
+        work: list[_Item] = []
+        for job in jobs:
+            todo = self.store.job_instances(job.id, states=("grouped", "inferred"))
+            logger.info(
+                "job %d: study %s started (attempt %d, %d image(s))",
+                job.id,
+                job.study_instance_uid,
+                job.attempts,
+                len(todo),
+            )
+            work += [_Item(job, inst) for inst in todo]
+        waiting: dict[int, str] = {}  # job id -> why it waits for disk space
+        for item in work:
+            self._read(item, waiting)
+        ready = [item for item in work if item.ds is not None and item.job.id not in waiting]
+        if ready:
+            for item, result in zip(ready, self._analyse([i.ds for i in ready]), strict=True):
+                if isinstance(result, Exception):
+                    self._fail_item(item, result)
+                elif item.job.id not in waiting:
+                    self._write(item, result, waiting)
+        states: dict[int, str] = {}
+        for job in jobs:
+            mine = [item for item in work if item.job.id == job.id]
+            ok = sum(item.ok for item in mine)
+            if job.id in waiting:
+                states[job.id] = self.wait_for_disk(job, waiting[job.id], ok)
+                continue
+            state = self.store.finish_job(job.id)
+            reason = self.store.job(job.id).reason if state == "failed" else None
+            logger.info(
+                "job %d: study %s %s in %.2f s: %d image(s) analysed, %d failed%s%s",
+                job.id,
+                job.study_instance_uid,
+                state,
+                time.monotonic() - t0,
+                ok,
+                len(mine) - ok,
+                f" ({reason})" if reason else "",
+                f" (batch of {len(ready)} image(s) from {len(jobs)} job(s))"
+                if len(jobs) > 1
+                else "",
+            )
+            states[job.id] = state
+        return states
+
+    def _analyse(self, datasets: list[pydicom.Dataset]) -> list[Any]:
+        batch = getattr(self.analyse, "batch", None)
+        if batch is not None:
+            return list(batch(datasets))
+        out: list[Any] = []
+        for ds in datasets:
+            try:
+                out.append(self.analyse(ds))
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     def wait_for_disk(self, job: Job, reason: str, done: int = 0) -> str:
         """Put ``job`` aside until disk space may be back; return ``"waiting_for_disk"``."""
@@ -298,21 +374,33 @@ class JobProcessor:
                 f"{need // 2**20 or 1} MiB above the floor of {self.min_free_bytes // 2**20} MiB"
             )
 
-    def _process_image(self, job: Job, inst: Instance) -> bool:
-        t0 = time.monotonic()
-        sop = inst.sop_instance_uid
-        ds = None
+    def _read(self, item: _Item, waiting: dict[int, str]) -> None:
+        """Read and check one spooled image (sets ``item.ds``), or fail it / let its job wait."""
+        if item.job.id in waiting:
+            return
+        inst = item.inst
         try:
             if inst.path is None or not inst.path.is_file():
-                raise FileNotFoundError(f"spooled file of {sop} is missing")
+                raise FileNotFoundError(f"spooled file of {inst.sop_instance_uid} is missing")
             self._check_space(inst)
             ds = pydicom.dcmread(inst.path)
-            check_image_size(ds, self.limits, sop)  # before anything is decoded
-            note = safe_charset(ds)
-            result = self.analyse(ds)
-            if note:
-                add_note(result.sr, note)
-                logger.warning("job %d: image %s: %s Noted in the SR.", job.id, sop, note)
+            item.ds = ds  # identifying values are scrubbed from messages from here on
+            check_image_size(ds, self.limits, inst.sop_instance_uid)  # before decoding
+            item.note = safe_charset(ds)
+        except NoDiskSpace as exc:
+            waiting[item.job.id] = str(exc)
+            item.ds = None
+        except Exception as exc:
+            self._fail_item(item, exc)
+            item.ds = None
+
+    def _write(self, item: _Item, result: Any, waiting: dict[int, str]) -> None:
+        """Write and record the result objects of one analysed image."""
+        job, sop, ds = item.job, item.inst.sop_instance_uid, item.ds
+        try:
+            if item.note:
+                add_note(result.sr, item.note)
+                logger.warning("job %d: image %s: %s Noted in the SR.", job.id, sop, item.note)
             self.store.set_instance_state(sop, "inferred")
             files = []
             folder = ensure_private_dir(self.results_dir / str(job.id) / safe_name(sop))
@@ -329,48 +417,68 @@ class JobProcessor:
             self.store.record_results(
                 job.id, sop, files, self.targets, outcome=result.prediction.outcome
             )
-        except NoDiskSpace:
-            raise
-        except InputRejected as exc:
-            return self._fail(job, sop, f"{exc.reason}: {scrub(exc.message, ds)}")
-        except ResultEncodingError as exc:
-            return self._fail(job, sop, f"result_encoding: {scrub(str(exc), ds)}")
-        except FileNotFoundError as exc:
-            return self._fail(job, sop, f"spool_missing: {exc}")
-        except (OSError, sqlite3.Error) as exc:
-            if is_disk_full(exc):
-                raise NoDiskSpace(
+        except Exception as exc:
+            if isinstance(exc, OSError | sqlite3.Error) and is_disk_full(exc):
+                waiting[job.id] = (
                     f"writing the results of image {sop} failed: {type(exc).__name__}: "
                     f"{getattr(exc, 'strerror', None) or exc}"
-                ) from exc
-            message = scrub(f"{type(exc).__name__}: {exc}", ds)
-            logger.error("job %d: image %s: unexpected error: %s", job.id, sop, message)
-            return self._fail(job, sop, f"internal_error: {message}")
-        except DicomCovidError as exc:
-            return self._fail(job, sop, f"{type(exc).__name__}: {scrub(str(exc), ds)}")
-        except Exception as exc:
-            message = scrub(f"{type(exc).__name__}: {exc}", ds)
-            logger.error("job %d: image %s: unexpected error: %s", job.id, sop, message)
-            return self._fail(job, sop, f"internal_error: {message}")
+                )
+            else:
+                self._fail_item(item, exc)
+            return
+        item.ok = True
         p = result.prediction
         logger.info(
             "job %d: image %s analysed in %.2f s: %s (P(covid)=%.3f, threshold %.3f); SR %s, SC %s",
             job.id,
             sop,
-            time.monotonic() - t0,
+            time.monotonic() - item.t0,
             p.decision,
             p.covid_score,
             p.covid_threshold,
             files[0].sop_instance_uid,
             files[1].sop_instance_uid,
         )
-        return True
+
+    def _fail_item(self, item: _Item, exc: Exception) -> None:
+        """Mark one image failed with the reason ``exc`` stands for (identifiers scrubbed)."""
+        ds = item.ds
+        if isinstance(exc, InputRejected):
+            reason = f"{exc.reason}: {scrub(exc.message, ds)}"
+        elif isinstance(exc, ResultEncodingError):
+            reason = f"result_encoding: {scrub(str(exc), ds)}"
+        elif isinstance(exc, FileNotFoundError):
+            reason = f"spool_missing: {exc}"
+        elif isinstance(exc, DicomCovidError):
+            reason = f"{type(exc).__name__}: {scrub(str(exc), ds)}"
+        else:
+            message = scrub(f"{type(exc).__name__}: {exc}", ds)
+            logger.error(
+                "job %d: image %s: unexpected error: %s",
+                item.job.id,
+                item.inst.sop_instance_uid,
+                message,
+            )
+            reason = f"internal_error: {message}"
+        self._fail(item.job, item.inst.sop_instance_uid, reason)
 
     def _fail(self, job: Job, sop: str, reason: str) -> bool:
         reason = reason[:1000]
         self.store.set_instance_state(sop, "failed", reason)
         logger.warning("job %d: image %s failed: %s", job.id, sop, reason)
         return False
+
+
+@dataclass(eq=False)
+class _Item:
+    """One image of a batch on its way through :meth:`JobProcessor.process_batch`."""
+
+    job: Job
+    inst: Instance
+    ds: pydicom.Dataset | None = None
+    note: str | None = None
+    ok: bool = False
+    t0: float = field(default_factory=time.monotonic)
 
 
 def _child_logging(log_queue: Any, level: int) -> None:
@@ -384,27 +492,51 @@ def _child_logging(log_queue: Any, level: int) -> None:
     root.setLevel(level)
 
 
+def worker_name(pid: int) -> str:
+    """The name a worker process claims jobs under (``claimed_by`` in the job store)."""
+    return f"worker-{pid}"
+
+
+def torch_threads(config: ServiceConfig) -> int:
+    """Torch intra-op threads of one worker: ``[worker] threads``, else the CPU cores shared
+    evenly among the worker processes (at least 1)."""
+    wc = config.worker
+    if wc.threads:
+        return wc.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // wc.workers)
+
+
 def worker_main(
     config: ServiceConfig,
     stop_event: Any,
     status_queue: Any,
     log_queue: Any = None,
     log_level: int = logging.INFO,
+    slot: int = 0,
 ) -> None:
-    """Entry point of the worker process.
+    """Entry point of a worker process.
+
+    Claims up to ``[worker] batch_size`` images across ready jobs (waiting at most
+    ``batch_wait`` seconds for more to become ready when fewer are), analyses them in one
+    batched pass and records the results; :class:`JobStore` claims are exclusive, so several
+    worker processes share one store.
 
     Parameters
     ----------
     config : ServiceConfig
         Service configuration (state folder, targets, model).
     stop_event : multiprocessing.Event
-        Set by the service to stop after the current image's job.
+        Set by the service to stop after the current batch.
     status_queue : multiprocessing.Queue
-        Receives ``("ready", model_name)`` once the model is loaded, or ``("error", message)``.
+        Receives ``("ready", slot, model_name)`` once the model is loaded, or
+        ``("error", slot, message)``.
     log_queue : multiprocessing.Queue, optional
         Log records are sent here for the service process to handle.
     log_level : int
         Level of this process's root logger.
+    slot : int
+        Which of the service's workers this is (0 to ``workers - 1``).
     """
     _child_logging(log_queue, log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service decides when we stop
@@ -412,27 +544,34 @@ def worker_main(
     from pydicom import config as pydicom_config
 
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-    name = f"worker-{os.getpid()}"
+    name = worker_name(os.getpid())
     wc = config.worker
     try:
         t0 = time.monotonic()
-        analyse = load_analysis(wc.bundle, wc.model, wc.device, wc.explain, wc.abstention)
+        import torch
+
+        threads = torch_threads(config)
+        torch.set_num_threads(threads)
+        analysis = load_analysis(wc.bundle, wc.model, wc.device, wc.explain, wc.abstention)
     except DicomCovidError as exc:
         logger.error("%s: the model cannot be loaded: %s", name, exc)
-        status_queue.put(("error", str(exc)))
+        status_queue.put(("error", slot, str(exc)))
         return
     except Exception as exc:
         logger.exception("%s: the model cannot be loaded", name)
-        status_queue.put(("error", f"{type(exc).__name__}: {exc}"))
+        status_queue.put(("error", slot, f"{type(exc).__name__}: {exc}"))
         return
     logger.info(
-        "%s: model %s (bundle %s) loaded in %.1f s",
+        "%s: model %s (bundle %s) loaded in %.1f s; %d torch thread(s), batches of up to %d "
+        "image(s)",
         name,
-        analyse.model_name,
-        analyse.bundle_version,
+        analysis.model_name,
+        analysis.bundle_version,
         time.monotonic() - t0,
+        threads,
+        wc.batch_size,
     )
-    status_queue.put(("ready", analyse.model_name))
+    status_queue.put(("ready", slot, analysis.model_name))
     store = JobStore(config.db_path)
     limits = ReaderConfig(
         max_pixels=config.scp.maximum_image_pixels,
@@ -442,33 +581,33 @@ def worker_main(
         store,
         config.results_dir,
         config.sender().targets(),
-        analyse,
+        analysis,
         limits,
         min_free_bytes=config.results_min_free_bytes,
         disk_retry=(wc.disk_retry_base, wc.disk_retry_max),
         kos_for_suspected=wc.kos_for_suspected,
     )
-    unsettled: Job | None = None  # a job whose state could not be recorded (disk full)
+    unsettled: list[Job] = []  # jobs whose state could not be recorded (disk full)
     pause = 0.0
     try:
         while not stop_event.is_set():
-            job = None
+            jobs: list[Job] = []
             try:
-                if unsettled is not None:
-                    processor.wait_for_disk(unsettled, "the job store could not be written")
-                    unsettled = None
-                job = store.claim_job(name, wc.max_job_attempts)
-                if job is None:
+                while unsettled:
+                    processor.wait_for_disk(unsettled[0], "the job store could not be written")
+                    unsettled.pop(0)
+                jobs = _claim_batch(store, name, wc, stop_event)
+                if not jobs:
                     stop_event.wait(wc.poll_interval)
                     continue
-                processor.process(job)
+                processor.process_batch(jobs)
                 pause = 0.0
             except (OSError, sqlite3.Error) as exc:
                 if not is_disk_full(exc):
                     raise  # a real fault: the service restarts the worker and counts it
                 # the job store itself cannot be written: back off instead of retrying every
-                # poll interval, and put the job aside as soon as that can be recorded
-                unsettled = unsettled or job
+                # poll interval, and put the jobs aside as soon as that can be recorded
+                unsettled = unsettled or jobs
                 pause = min(60.0, max(1.0, pause * 2))
                 logger.error(
                     "%s: the disk is full, the job store cannot be written (%s: %s); "
@@ -482,3 +621,20 @@ def worker_main(
     finally:
         store.close()
         logger.info("%s: stopped", name)
+
+
+def _claim_batch(store: JobStore, name: str, wc: Any, stop_event: Any) -> list[Job]:
+    """Claim up to ``wc.batch_size`` images' jobs, waiting up to ``wc.batch_wait`` for more."""
+    jobs = store.claim_jobs(name, wc.batch_size, wc.max_job_attempts)
+    if not jobs or wc.batch_size <= 1 or wc.batch_wait <= 0:
+        return jobs
+    deadline = time.monotonic() + wc.batch_wait
+    images = sum(len(store.job_instances(j.id, states=("grouped", "inferred"))) for j in jobs)
+    while images < wc.batch_size and not stop_event.wait(min(0.02, wc.batch_wait)):
+        more = store.claim_jobs(name, wc.batch_size - images, wc.max_job_attempts)
+        for job in more:
+            images += len(store.job_instances(job.id, states=("grouped", "inferred")))
+        jobs += more
+        if time.monotonic() >= deadline:
+            break
+    return jobs

@@ -237,6 +237,33 @@ def serve(
             help="Torch device of the worker (default cpu).", rich_help_panel=_PANEL_MODEL
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Worker processes sharing the queue, each with its own model (default 1).",
+            rich_help_panel=_PANEL_MODEL,
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=256,
+            help="Images from ready studies run as one batch (default 8; 1: no batching).",
+            rich_help_panel=_PANEL_MODEL,
+        ),
+    ] = None,
+    batch_wait: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=10.0,
+            help="Seconds a worker waits to fill a batch (default 0.05).",
+            rich_help_panel=_PANEL_MODEL,
+        ),
+    ] = None,
     tls_cert: Annotated[
         Path | None,
         typer.Option(
@@ -387,6 +414,9 @@ def serve(
                 ("model", model),
                 ("bundle", bundle),
                 ("device", device),
+                ("workers", workers),
+                ("batch_size", batch_size),
+                ("batch_wait", batch_wait),
                 ("kos_for_suspected", kos_for_suspected),
             )
             if v is not None

@@ -11,7 +11,8 @@ One module per object (see ``STYLE.md``):
 * :mod:`.codes` — every coded concept written.
 
 :func:`analyse` runs the whole chain for the PACS worker: read → one forward pass for the
-prediction and its heat map → SR + SC.
+prediction and its heat map → SR + SC; :func:`analyse_batch` does it for several images (from
+several studies) with one batched forward pass.
 
 >>> result = analyse(dataset, Predictor())  # doctest: +SKIP
 >>> result.sr.save_as("sr.dcm"); result.sc.save_as("sc.dcm")  # doctest: +SKIP
@@ -31,15 +32,19 @@ from .sc import build_heatmap_sc
 from .sr import build_sr, read_sr_result
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import highdicom as hd
 
     from ..explain import Explainer
     from ..inference import Prediction, Predictor
+    from ..reader import XrayImage
 
 __all__ = [
     "ResultEncodingError",
     "ResultSet",
     "analyse",
+    "analyse_batch",
     "build_heatmap_sc",
     "build_sr",
     "read_sr_result",
@@ -105,15 +110,89 @@ def analyse(source: Dataset, predictor: Predictor, explainer: Explainer | None =
     ResultEncodingError
         When a result object cannot be built.
     """
-    from ..explain import Explainer, hot_region_outline
+    (result,) = analyse_batch([source], predictor, explainer)
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def analyse_batch(
+    sources: Sequence[Dataset],
+    predictor: Predictor,
+    explainer: Explainer | None = None,
+    batch_size: int = 16,
+) -> list[ResultSet | Exception]:
+    """:func:`analyse` for several images with one batched forward pass.
+
+    What goes wrong with one image (an image the reader rejects, a result object that cannot
+    be built, an unexpected error) is returned in that image's place and never affects the
+    others: when a batched pass fails, each image is run again on its own.
+
+    Parameters
+    ----------
+    sources : sequence of pydicom.dataset.Dataset
+        The received images, with pixel data (e.g. from several studies).
+    predictor : Predictor
+        Loaded model.
+    explainer : Explainer, optional
+        Grad-CAM for ``predictor`` (default: ``Explainer(predictor)``).
+    batch_size : int
+        Images per forward pass.
+
+    Returns
+    -------
+    list of ResultSet or Exception
+        One per source, in order: its results, or the exception that stopped it
+        (:class:`~dicom_covid.errors.InputRejected`, :class:`ResultEncodingError`, ...).
+    """
+    from ..explain import Explainer
     from ..reader import read_dataset
 
-    image = read_dataset(source, source=str(source.get("SOPInstanceUID", "<dataset>")))
     explainer = explainer or Explainer(predictor)
-    ((prediction, heatmap),) = explainer.predict_and_explain([image], target="covid")
+    out: list[ResultSet | Exception | None] = [None] * len(sources)
+    images, where = [], []
+    for i, source in enumerate(sources):
+        try:
+            images.append(
+                read_dataset(source, source=str(source.get("SOPInstanceUID", "<dataset>")))
+            )
+            where.append(i)
+        except Exception as exc:
+            out[i] = exc
+    pairs: list[tuple[Prediction, np.ndarray] | Exception] = []
+    if images:
+        try:
+            pairs = list(explainer.predict_and_explain(images, "covid", batch_size))
+        except Exception as exc:
+            if len(images) == 1:
+                pairs = [exc]
+            else:  # find the image that failed: each one on its own
+                logger.warning("a batch of %d image(s) failed (%s); one by one", len(images), exc)
+                pairs = []
+                for image in images:
+                    try:
+                        pairs.extend(explainer.predict_and_explain([image], "covid"))
+                    except Exception as one:
+                        pairs.append(one)
+    for i, image, pair in zip(where, images, pairs, strict=True):
+        if isinstance(pair, Exception):
+            out[i] = pair
+            continue
+        try:
+            out[i] = _results(sources[i], image, *pair, method=explainer.method)
+        except Exception as exc:
+            out[i] = exc
+    return [r for r in out if r is not None]
+
+
+def _results(
+    source: Dataset, image: XrayImage, prediction: Prediction, heatmap: np.ndarray, method: str
+) -> ResultSet:
+    from ..explain import hot_region_outline
+
     outline = hot_region_outline(heatmap)
-    sr = build_sr(source, prediction, outline, heatmap_method=explainer.method)
-    sc = build_heatmap_sc(source, image, prediction, heatmap, method=explainer.method)
+    sr = build_sr(source, prediction, outline, heatmap_method=method)
+    sc = build_heatmap_sc(source, image, prediction, heatmap, method=method)
     logger.info(
         "analysed %s: %s (P(covid)=%.3f)",
         image.sop_instance_uid,
