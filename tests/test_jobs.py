@@ -341,3 +341,61 @@ def test_disk_full_errors_are_recognised() -> None:
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
     assert not is_disk_full(sqlite3.OperationalError("database is locked"))
     assert not is_disk_full(ValueError("x"))
+
+
+def test_claim_jobs_fills_a_batch_across_studies(store: JobStore, tmp_path: Path) -> None:
+    for study, n in (("1", 3), ("2", 2), ("3", 4), ("4", 1)):
+        _received(store, study, n, now=0.0, tmp=tmp_path)
+    jobs = store.group_stable_studies(1.0, now=10.0)
+    assert len(jobs) == 4
+    first = store.claim_jobs("w1", 5)
+    assert [j.study_instance_uid for j in first] == ["1", "2"]  # 3 + 2 images
+    assert all(j.state == "running" and j.attempts == 1 for j in first)
+    # a job larger than the batch is still claimed, alone
+    assert [j.study_instance_uid for j in store.claim_jobs("w2", 2)] == ["3"]
+    assert [j.study_instance_uid for j in store.claim_jobs("w2", 8)] == ["4"]
+    assert store.claim_jobs("w3", 8) == []
+    assert {j.id: j.state for j in store.jobs()} == {j.id: "running" for j in jobs}
+
+
+def test_dead_worker_releases_only_its_own_jobs(store: JobStore, tmp_path: Path) -> None:
+    for study in ("1", "2"):
+        _received(store, study, 1, now=0.0, tmp=tmp_path)
+    store.group_stable_studies(1.0, now=10.0)
+    (a,) = store.claim_jobs("worker-1", 1)
+    (b,) = store.claim_jobs("worker-2", 1)
+    assert store.release_running(claimed_by="worker-1") == 1
+    states = {j.id: j.state for j in store.jobs()}
+    assert states == {a.id: "grouped", b.id: "running"}
+    again = store.claim_job("worker-3")
+    assert again.id == a.id and again.attempts == 2  # the crash counts towards max_attempts
+
+
+def _claim_all(path: str, name: str, out) -> None:
+    s = JobStore(Path(path), create=False)
+    got = []
+    while True:
+        jobs = s.claim_jobs(name, 3)
+        if not jobs:
+            break
+        got += [j.id for j in jobs]
+    s.close()
+    out.put(got)
+
+
+def test_claims_are_exclusive_across_processes(store: JobStore, tmp_path: Path) -> None:
+    import multiprocessing
+
+    for s in range(60):
+        _received(store, str(s), 1 + s % 3, now=0.0, tmp=tmp_path)
+    assert len(store.group_stable_studies(1.0, now=10.0)) == 60
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(str(store.path), f"w{i}", out)) for i in range(4)]
+    for p in procs:
+        p.start()
+    claimed = [out.get(timeout=50) for _ in procs]
+    for p in procs:
+        p.join(10)
+    ids = [i for got in claimed for i in got]
+    assert len(ids) == 60 and len(set(ids)) == 60  # every job once, by one worker

@@ -12,10 +12,13 @@ import io
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pacs_helpers import chest_cr, model_bundle
 
+from dicom_covid.errors import InputRejected
+from dicom_covid.results import read_sr_result
 from pacs_listener.jobs import JobStore
 from pacs_listener.spool import Spool, write_fault
 from pacs_listener.triage import result_reserve
@@ -108,4 +111,53 @@ def test_other_write_errors_still_fail_the_image(tmp_path: Path, analyse) -> Non
     with write_fault(denied):
         assert proc.process(store.claim_job("w")) == "failed"
     assert store.instance(uids[0]).reason.startswith("internal_error: PermissionError")
+    store.close()
+
+
+def _spool(store: JobStore, spool: Spool, ds: pydicom.Dataset) -> None:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    path = spool.write(ds.StudyInstanceUID, ds.SOPInstanceUID, buf.getvalue())
+    store.add_instance(
+        ds.SOPInstanceUID, ds.StudyInstanceUID, path=path, reserve_bytes=result_reserve(ds)
+    )
+
+
+def test_a_batch_across_studies_matches_one_by_one_and_isolates_a_bad_image(
+    tmp_path: Path, analyse
+) -> None:
+    """Three studies in one batch: two chest images get the results they get one by one
+    (probabilities within 1e-4), the broken one fails alone with the reader's reason."""
+    from pacs_helpers import broken_pixels
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    spool = Spool(tmp_path / "spool")
+    good = [chest_cr(), chest_cr(name="chest_cr_mono1.dcm")]
+    bad = broken_pixels()
+    for ds in (good[0], bad, good[1]):
+        _spool(store, spool, ds)
+    assert len(store.group_stable_studies(0)) == 3
+    jobs = store.claim_jobs("w", 8)
+    assert len(jobs) == 3
+    proc = JobProcessor(store, tmp_path / "results", ["dir:/out"], analyse)
+    states = proc.process_batch(jobs)
+    by_study = {j.study_instance_uid: states[j.id] for j in jobs}
+    assert by_study[bad.StudyInstanceUID] == "failed"
+    assert [by_study[ds.StudyInstanceUID] for ds in good] == ["results_written"] * 2
+    reason = store.instance(bad.SOPInstanceUID).reason
+    assert reason.split(":")[0] in {"decode_failed", "truncated", "not_an_image"}, reason
+    written = {}
+    for r in store.results():
+        if r.kind == "sr":
+            facts = read_sr_result(pydicom.dcmread(r.path))
+            written[facts["referenced_sop_instance_uid"]] = facts["decision"]
+    batch = analyse.batch([*good, bad])
+    assert isinstance(batch[2], InputRejected)
+    for ds, batched in zip(good, batch, strict=False):
+        alone = analyse(ds)
+        a, b = alone.prediction.probabilities, batched.prediction.probabilities
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([b[k] for k in a], [a[k] for k in a], atol=1e-4)
+        np.testing.assert_allclose(batched.heatmap, alone.heatmap, atol=1e-4)
+        assert written[ds.SOPInstanceUID] == read_sr_result(alone.sr)["decision"]
     store.close()
