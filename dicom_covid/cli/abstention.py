@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from ._app import app
+from ._app import HELP_MARKUP, HelpGroup, app
 from .common import BundleOption, ModelOption, fail_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,8 @@ abstention_app = typer.Typer(
     "RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=HELP_MARKUP,
+    cls=HelpGroup,
 )
 app.add_typer(abstention_app, name="abstention")
 

@@ -22,7 +22,7 @@ from typing import Annotated
 
 import typer
 
-from ._app import app
+from ._app import HELP_MARKUP, HelpGroup, app
 from .common import fail_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ crossval_app = typer.Typer(
     "RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=HELP_MARKUP,
+    cls=HelpGroup,
 )
 app.add_typer(crossval_app, name="crossval")
 

@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from ._app import app
+from ._app import HELP_MARKUP, HelpGroup, app
 from .common import BundleOption, fail_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,8 @@ lungs_app = typer.Typer(
     "indicator). RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=HELP_MARKUP,
+    cls=HelpGroup,
 )
 app.add_typer(lungs_app, name="lungs")
 
