@@ -490,6 +490,9 @@ def _child_logging(log_queue: Any, level: int) -> None:
         handler.addFilter(keep_template)  # rate limiting in the service sees the template
         root.addHandler(handler)
     root.setLevel(level)
+    # highdicom logs each module it copies at INFO (eight lines per result object): our own
+    # per-image line says what happened; keep its warnings
+    logging.getLogger("highdicom").setLevel(max(level, logging.WARNING))
 
 
 def worker_name(pid: int) -> str:

@@ -14,6 +14,10 @@ our commit of it makes the result go out again after the restart, with the same 
 (so a PACS keeps one copy). The sender commits each confirmation right after it arrives, so such
 re-deliveries are bounded by one per kill; they are counted and reported.
 
+Every test here runs the service with two worker processes and batches of up to four images
+(``--workers 2 --batch-size 4``), so a kill also lands between two workers' claims and in the
+middle of a batch; :func:`test_kill_9_of_one_worker_of_two_loses_nothing` kills one worker alone.
+
 To keep the run short on two CPU cores the images are 256 x 256 (the reader accepts 64 and
 up) and the model is the throw-away EfficientNet-Lite0 bundle at an input size of 64 pixels:
 every image is still a real candidate that goes through the reader, the model, Grad-CAM and the
@@ -23,8 +27,10 @@ SR and SC builders.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -53,6 +59,8 @@ STORESCU = "storescu"
 #: sender delivers; the exact moment inside it is seeded-random (seconds after it is reached).
 PHASES = ("receiving", "analysing", "receiving", "delivering")
 DELAYS = {"receiving": (0.2, 2.5), "analysing": (0.0, 1.0), "delivering": (0.0, 0.3)}
+#: Two worker processes sharing the job store, batches of up to four images across studies.
+WORKERS = ["--workers", "2", "--batch-size", "4"]
 
 
 def _reach(store: JobStore, phase: str, timeout: float = 90.0) -> bool:
@@ -157,6 +165,7 @@ def test_kill_9_while_receiving_loses_nothing_and_duplicates_nothing(
             "1",
             "--retry-tries",
             "1000",
+            *WORKERS,
         ],
     )
     acked: set[str] = set()
@@ -285,6 +294,7 @@ def test_kill_in_the_middle_of_a_delivery_batch_resends_nothing_confirmed(
             "0.5",
             "--retry-tries",
             "1000",
+            *WORKERS,
         ],
     )
     try:
@@ -330,7 +340,7 @@ def test_repeated_kills_of_the_whole_service_do_not_fail_the_job_they_interrupt(
     study, series = generate_uid(), generate_uid()
     images = [small_cr(study, series) for _ in range(4)]  # a job long enough to be caught
     svc = ServeProcess(
-        tmp_path / "svc", fast_bundle(tmp_path / "bundle"), ["--quiet-period", "0.2"]
+        tmp_path / "svc", fast_bundle(tmp_path / "bundle"), ["--quiet-period", "0.2", *WORKERS]
     )
     try:
         for k in range(3):
@@ -356,3 +366,86 @@ def test_repeated_kills_of_the_whole_service_do_not_fail_the_job_they_interrupt(
             assert job.state == "delivered" and job.attempts == 1
     finally:
         svc.close()
+
+
+def _results_per_source(received: list[pydicom.Dataset]) -> dict[str, Counter]:
+    """Distinct result objects (SR, SC) per source image among what a destination received."""
+    per_source: dict[str, Counter] = defaultdict(Counter)
+    seen: set[str] = set()
+    for ds in received:
+        uid, cls = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
+        if uid in seen:
+            continue
+        seen.add(uid)
+        if cls == SR_CLASS:
+            ev = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+            source = str(ev.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        else:
+            source = str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
+        per_source[source][cls] += 1
+    return per_source
+
+
+@pytest.mark.timeout(600)
+def test_kill_9_of_one_worker_of_two_loses_nothing(tmp_path: Path) -> None:
+    """Two workers, batches of four: 48 images in 12 studies arrive; the worker holding a claim
+    is killed with SIGKILL while the service runs. The other worker keeps working, only the
+    dead worker's jobs go back to the queue, a new worker replaces it, and every image gets
+    exactly one SR and one SC at the destination, with no job failed."""
+    import sqlite3
+
+    images = []
+    for _ in range(12):
+        study, series = generate_uid(), generate_uid()
+        images += [small_cr(study, series) for _ in range(4)]
+    dest = DestinationSCP(ae_title="PACS").start()
+    svc = ServeProcess(
+        tmp_path / "svc",
+        fast_bundle(tmp_path / "bundle"),
+        ["--destination", dest.address, "--quiet-period", "0.3", *WORKERS],
+    )
+    db = svc.state / "jobs.sqlite"
+    try:
+        svc.start()
+        assert send(images, svc.port) == [0] * len(images)
+        victim: list[str] = []
+
+        def claimed() -> bool:
+            con = sqlite3.connect(db, timeout=30)
+            try:
+                victim[:] = [
+                    r[0]
+                    for r in con.execute(
+                        "SELECT claimed_by FROM jobs WHERE state = 'running' LIMIT 1"
+                    )
+                ]
+            finally:
+                con.close()
+            return bool(victim)
+
+        wait_until(claimed, 120, interval=0.02, what="a worker holding a claim")
+        pid = int(victim[0].removeprefix("worker-"))
+        os.kill(pid, signal.SIGKILL)
+        with JobStore(db, create=False) as store:
+            wait_until(
+                lambda: store.counts()["instances"]["delivered"] == len(images),
+                300,
+                interval=0.5,
+                what=f"{len(images)} delivered instances",
+            )
+            counts = store.counts()
+        time.sleep(0.5)
+    finally:
+        svc.close()
+        dest.stop()
+    log = svc.log.read_text()
+    assert re.search(
+        rf"worker \d \(process {pid}\) exited unexpectedly \(exit code -9\); its [1-9]\d* job", log
+    )
+    per_source = _results_per_source(dest.received)
+    expected = {str(ds.SOPInstanceUID) for ds in images}
+    assert set(per_source) == expected
+    assert all(c == {SR_CLASS: 1, SC_CLASS: 1} for c in per_source.values())
+    assert counts["jobs"]["failed"] == 0 and counts["instances"]["failed"] == 0, counts
+    # two workers loaded the model, then the replacement of the killed one
+    assert len(set(re.findall(r"(worker-\d+): model", log))) == 3
