@@ -2,7 +2,7 @@
 
 The test starts what ``dicom-covid demo`` starts (:class:`dicom_covid.cli.demo.DemoStack`, on free
 ports): Orthanc with its DICOMweb plugin and ``deploy/orthanc/forward.lua``, nginx serving the
-pinned prebuilt OHIF viewer, and a real ``dicom-covid serve``. It sends one sample chest CR with
+pinned prebuilt OHIF viewer, and a real ``dicom-covid serve``. It sends the sample COVID-19 CR with
 ``storescu``, waits until the SR and the heat map are served by DICOMweb, then drives the system
 Chromium with playwright-core (``tests/viewer/drive.mjs``) through the study list and the viewer:
 
@@ -110,7 +110,7 @@ def test_demo_results_show_in_ohif(tmp_path: Path) -> None:
 
     dist = _install_or_skip()
     bundle = model_bundle(tmp_path)
-    sample = sample_path("chest_cr_mono2.dcm")
+    sample = sample_path("covid19_cr_pa.dcm")  # the screenshots show a suspected case
     header = pydicom.dcmread(sample, stop_before_pixels=True)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in ARTIFACTS.glob("*.png"):

@@ -78,8 +78,11 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO_DIR = ROOT / "deploy" / "demo"
 ORTHANC_DEPLOY_DIR = ROOT / "deploy" / "orthanc"
 SAMPLES_DIR = ROOT / "sample_dicoms"
-#: Samples sent by default (two studies: a CR and a DX); ``--all-samples`` sends every file.
-DEFAULT_SAMPLES = ("chest_cr_mono2.dcm", "chest_dx_presentation.dcm")
+#: Samples sent by default: two CR studies that show both outcomes with the default model, a
+#: COVID-19 film ("suspected") and a non-COVID pneumonia film ("not suspected"), see
+#: ``sample_dicoms/README.md``. ``--all-samples`` sends every file (also the DX and the
+#: compressed ones).
+DEFAULT_SAMPLES = ("covid19_cr_pa.dcm", "pneumonia_cr_pa.dcm")
 ORTHANC_BIN = "/usr/sbin/Orthanc"
 NGINX_BIN = "/usr/sbin/nginx"
 NGINX_MIME_TYPES = Path("/etc/nginx/mime.types")
@@ -947,7 +950,10 @@ def demo(
         bool,
         typer.Option(
             "--all-samples",
-            help="Send all seven sample studies (default: a CR and a DX study).",
+            help=(
+                "Send every sample study in sample_dicoms/, nine (default: a COVID-19 and a "
+                "pneumonia film)."
+            ),
         ),
     ] = False,
     detach: Annotated[
