@@ -186,9 +186,9 @@ class Explainer:
         infos: list[dict] = []
         for i in range(0, len(images), batch_size):
             prepared = [self.predictor.prepared(im) for im in images[i : i + batch_size]]
-            x = torch.stack([p[0] for p in prepared]).to(self.predictor.device)
-            x = x.as_tensor() if hasattr(x, "as_tensor") else x  # never a MetaTensor
-            self.predictor.model(x)
+            x = self.predictor.to_device(torch.stack([p[0] for p in prepared]))
+            with self.predictor.autocast():
+                self.predictor.model(x)
             infos.extend(p[1] for p in prepared)
         return infos
 

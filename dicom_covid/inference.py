@@ -7,6 +7,7 @@ is a screening aid for research, never a diagnosis.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ from torch import nn
 
 from .abstention import AbstentionPolicy, FeatureDensity
 from .bundle import Bundle, ModelFacts
-from .errors import BundleError
+from .errors import BundleError, DicomCovidError
 from .models import build_model, load_checkpoint_weights
 from .prediction import DISCLAIMER, Prediction
 from .preprocessing import Preprocessing
@@ -46,7 +47,9 @@ class Predictor:
     model : str, optional
         Model name in the bundle, single or ensemble (default: the bundle's default model).
     device : str
-        Torch device (default ``"cpu"``).
+        Torch device (default ``"cpu"``). On CUDA the networks run in ``channels_last`` memory
+        format under automatic mixed precision (bfloat16 where the GPU supports it, else
+        float16; probabilities and Grad-CAM are computed in float32 from its outputs).
     abstention : mapping, optional
         A site's overrides of the model's abstention policy (see
         :class:`dicom_covid.abstention.AbstentionPolicy`), e.g. ``{"enabled": False}``.
@@ -72,7 +75,21 @@ class Predictor:
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.facts: ModelFacts = self.bundle.facts(model)
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as exc:
+            raise DicomCovidError(
+                f"unknown torch device {device!r} ({exc}); use cpu, cuda or cuda:N."
+            ) from exc
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise DicomCovidError(
+                f"device {device!r} asked for, but torch finds no CUDA GPU on this machine; "
+                "use --device cpu or install a CUDA build of torch."
+            )
+        #: Mixed-precision type on CUDA (None on the CPU: float32 throughout).
+        self.amp_dtype: torch.dtype | None = None
+        if self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.labels = self.facts.labels
         self._covid = self.labels.index("covid")
         self._model: nn.Module | None = None
@@ -98,6 +115,8 @@ class Predictor:
         net = build_model(f.raw.get("backbone", f.name), len(f.labels))
         net.load_state_dict(load_checkpoint_weights(f.weights))
         self._model = net.eval().to(self.device)
+        if self.device.type == "cuda":
+            self._model = self._model.to(memory_format=torch.channels_last)
         #: The model's input pipeline, from its facts (see :mod:`dicom_covid.preprocessing`).
         self.preprocessing = Preprocessing(
             f.input_size, f.raw.get("preprocessing") or {}, bundle=self.bundle
@@ -108,6 +127,19 @@ class Predictor:
         self._features: list[torch.Tensor] = []
         self._feature_hook: Any = None
         self.feature_layer: str | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision context of a forward pass: mixed precision on CUDA, else nothing."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch ``(N, 3, S, S)`` on this predictor's device (``channels_last`` on CUDA)."""
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x  # never a MetaTensor
+        if self.device.type == "cuda":
+            return x.to(self.device, memory_format=torch.channels_last, non_blocking=True)
+        return x.to(self.device)
 
     def set_feature_layer(self, layer: str | None) -> None:
         """Choose the features of the out-of-distribution check.
@@ -191,7 +223,21 @@ class Predictor:
             weights=run_dir / "model.safetensors",
             raw=raw,
         )
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as exc:
+            raise DicomCovidError(
+                f"unknown torch device {device!r} ({exc}); use cpu, cuda or cuda:N."
+            ) from exc
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise DicomCovidError(
+                f"device {device!r} asked for, but torch finds no CUDA GPU on this machine; "
+                "use --device cpu or install a CUDA build of torch."
+            )
+        #: Mixed-precision type on CUDA (None on the CPU: float32 throughout).
+        self.amp_dtype: torch.dtype | None = None
+        if self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.labels = self.facts.labels
         self._covid = self.labels.index("covid")
         self._members = []
@@ -294,9 +340,11 @@ class Predictor:
         for i in range(0, len(images), batch_size):
             chunk = images[i : i + batch_size]
             prepared = [self.prepared(im) for im in chunk]
-            x = torch.stack([p[0] for p in prepared]).to(self.device)
+            x = self.to_device(torch.stack([p[0] for p in prepared]))
             self._features.clear()
-            logits = self.model(x).float() / self.temperature
+            with self.autocast():
+                logits = self.model(x)
+            logits = logits.float() / self.temperature
             out.append(torch.softmax(logits, dim=1).cpu().numpy())
             feats = self._features[-1].cpu().numpy() if self._features else None
             if feats is not None:

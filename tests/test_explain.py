@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -46,6 +47,8 @@ def _stub_predictor(name: str):
         labels=LABELS,
         facts=SimpleNamespace(gradcam_layer=spec.gradcam_layer),
         device=torch.device("cpu"),
+        to_device=lambda x: x,
+        autocast=contextlib.nullcontext,
         prepared=lambda image: (
             preprocess(image.pixels, spec.input_size, spec.mean, spec.std),
             {},

@@ -46,6 +46,9 @@ def predict(
     bundle: BundleOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 8,
+    device: Annotated[
+        str, typer.Option(help="Torch device: cpu, or cuda (mixed precision) on a GPU.")
+    ] = "cpu",
     abstain: Annotated[
         bool,
         typer.Option(
@@ -69,7 +72,9 @@ def predict(
 
     files = _expand(paths)
     with fail_on_error():
-        predictor = Predictor(bundle, model, abstention=None if abstain else {"enabled": False})
+        predictor = Predictor(
+            bundle, model, device=device, abstention=None if abstain else {"enabled": False}
+        )
     accepted, rejected = [], []
     for f in files:
         try:
