@@ -113,6 +113,9 @@ def test_cli_passes_without_to_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path
     # Defaults unchanged: no ingredient switched off, the usual folder.
     assert CliRunner().invoke(app, args).exit_code == 0
     assert seen["cfg"].without == () and seen["cfg"].output_dir.parts[-2] == "transfer"
+    assert seen["cfg"].seed == 0
+    assert CliRunner().invoke(app, [*args, "--seed", "1"]).exit_code == 0
+    assert seen["cfg"].seed == 1
     bad = CliRunner().invoke(app, [*args, "--without", "augment"])
     assert bad.exit_code == 1 and "lung_crop, clahe, scramble" in bad.output
     v1 = CliRunner().invoke(app, [*args, "--recipe", "v1", "--without", "clahe"])
@@ -172,7 +175,7 @@ def test_ablation_table_compares_each_variant_with_the_full_recipe() -> None:
     table = cv.ablation_table([bigger, worse, same, full]).splitlines()
     rows = [line.split(" | ")[1] for line in table[2:]]
     assert rows == ["transfer", "transfer−clahe", "transfer−scramble", "transfer"]
-    assert "(reference)" in table[2] and "+0.000" in table[3] and "224 / 700 / 4" in table[5]
+    assert "(reference)" in table[2] and "+0.000" in table[3] and "224 / 700 / 4 / 0" in table[5]
     assert "| g | transfer−clahe |" in cv.summary_table([full, same])
 
 

@@ -71,6 +71,9 @@ def run(
         int | None, typer.Option(help="Subsample train to this many images per class.")
     ] = 700,
     max_val_per_class: Annotated[int | None, typer.Option()] = 150,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the train subsample, augmentation, sampling and head.")
+    ] = 0,
     threads: Annotated[int | None, typer.Option(help="Torch threads.")] = None,
     cache_dir: Annotated[
         Path | None, typer.Option(help="Cache of prepared images shared between runs.")
@@ -109,6 +112,7 @@ def run(
         recipe=recipe,
         cache_dir=cache_dir,
         threads=threads,
+        seed=seed,
         label_smoothing=RECIPE_LABEL_SMOOTHING[recipe],
         without=off,
     )

@@ -276,7 +276,7 @@ def ablation_table(results: list[dict[str, Any]], recipe: str = "transfer") -> s
         One table; a group without a reference run gets no change column values.
     """
     lines = [
-        "| held-out group | variant | input px / train per class / epochs "
+        "| held-out group | variant | input px / train per class / epochs / seed "
         "| COVID-vs-rest AUC (95 % CI) | ΔAUC vs full recipe (paired 95 % CI) "
         "| COVID sens @thr | COVID spec @thr | 3-class acc |",
         "|---|---|---|---|---|---:|---:|---:|",
@@ -299,14 +299,14 @@ def ablation_table(results: list[dict[str, Any]], recipe: str = "transfer") -> s
             )
 
         for m in sorted(runs, key=rank):
-            size, per_class, epochs, _ = _settings(m)
+            size, per_class, epochs, seed = _settings(m)
             if m is ref:
                 delta = "(reference)"
             else:
                 d = paired_auc_difference(m, ref) if ref is not None else None
                 delta = "–" if d is None else f"{d[0]:+.3f} ({d[1][0]:+.2f} to {d[1][1]:+.2f})"
             lines.append(
-                f"| {group} | {_variant(m)} | {size} / {per_class} / {epochs} | "
+                f"| {group} | {_variant(m)} | {size} / {per_class} / {epochs} / {seed} | "
                 f"{_fmt(m['covid_auc'], m['covid_auc_ci'])} | {delta} | "
                 f"{_fmt(m['covid_sensitivity'])} | {_fmt(m['covid_specificity'])} | "
                 f"{m['accuracy']:.3f} |"
