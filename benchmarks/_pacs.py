@@ -371,7 +371,7 @@ class Serve:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + timeout
-            while "worker ready" not in self.log():
+            while "service running" not in self.log():
                 if self.proc.poll() is not None:
                     raise BenchmarkError(
                         f"dicom-covid serve exited with {self.proc.returncode}:\n"

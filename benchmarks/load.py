@@ -14,8 +14,13 @@ Measured:
 * with ``--wait`` (default): once every job is finished (or ``--deadline`` passed), every
   candidate has exactly one SR and one SC in the job store and the sink received each result
   exactly once (and nothing else);
-* processing: images/s through inference (first job start to last job end, one worker) and end
-  to end (first instance received to last result delivered).
+* processing: images/s through inference (first job start to last job end) and end to end
+  (first instance received to last result delivered).
+
+``--configs`` runs the whole test once per worker/batch configuration (``serve --workers N
+--batch-size B``, written ``NxB``; default ``1x1,1x8,2x1,2x8``), each on a fresh service with
+the same files, and prints a table of the figures side by side with each configuration's
+inference throughput as a ratio to the first one's.
 
 A result the sink received twice is a failure, except with ``--allow-resends`` when the job store
 shows that its delivery was retried after a failed try (the sender re-sends a result whose C-STORE
@@ -25,6 +30,7 @@ Usage::
 
     .venv/bin/python benchmarks/load.py [--associations 8] [--per-association 50]
         [--quiet-period 1] [--no-wait] [--deadline 1800] [--bundle FOLDER]
+        [--configs 1x1,1x8,2x1,2x8]
 """
 
 from __future__ import annotations
@@ -161,7 +167,18 @@ def main(argv: list[str] | None = None) -> int:
         help="do not fail on results delivered twice after a failed try (at-least-once)",
     )
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
+    parser.add_argument(
+        "--configs",
+        default="1x1,1x8,2x1,2x8",
+        help="comma-separated WORKERSxBATCH configurations of serve (default 1x1,1x8,2x1,2x8)",
+    )
     args = parser.parse_args(argv)
+    try:
+        configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+        if any(len(c) != 2 or min(c) < 1 for c in configs):
+            raise ValueError
+    except ValueError:
+        parser.error("--configs takes WORKERSxBATCH pairs such as 1x1,2x8")
     if min(args.associations, args.per_association, args.shrink, args.per_study) < 1:
         parser.error("counts must be at least 1")
     try:
@@ -191,13 +208,64 @@ def main(argv: list[str] | None = None) -> int:
             f"data: {total} instances ({nbytes / total / 1e6:.2f} MB each, shrink {args.shrink}), "
             f"{args.per_study} per study, {n_assoc} associations x {per}"
         )
+        table = []
+        for workers, batch in configs:
+            print(f"\n== serve --workers {workers} --batch-size {batch}")
+            figures, found = _run_config(
+                args,
+                bundle,
+                work / f"serve-{workers}x{batch}",
+                files,
+                sop_of,
+                nbytes,
+                workers,
+                batch,
+            )
+            problems += [f"{workers}x{batch}: {p}" for p in found]
+            table.append((workers, batch, figures))
+        _print_table(table)
+
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _run_config(
+    args: argparse.Namespace,
+    bundle: Path,
+    folder: Path,
+    files: list[Path],
+    sop_of: dict[str, str],
+    nbytes: int,
+    workers: int,
+    batch: int,
+) -> tuple[dict[str, float], list[str]]:
+    """One load run against a fresh ``serve --workers workers --batch-size batch``.
+
+    Returns
+    -------
+    tuple
+        The figures (``ingest``, ``inference``, ``end_to_end`` in images/s) and the problems.
+    """
+    n_assoc, per = args.associations, args.per_association
+    total = n_assoc * per
+    problems: list[str] = []
+    figures: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
         sink = stack.enter_context(Sink())
         serve = _pacs.Serve(
-            work / "serve",
+            folder,
             bundle,
             quiet_period=args.quiet_period,
             destinations=[sink.address],
-            extra=["--max-associations", str(max(8, n_assoc))],
+            extra=[
+                "--max-associations",
+                str(max(8, n_assoc)),
+                "--workers",
+                str(workers),
+                "--batch-size",
+                str(batch),
+            ],
         )
         stack.enter_context(serve)
         print(f"serve ready in {serve.ready_s:.1f} s (quiet period {args.quiet_period:g} s)")
@@ -245,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         t_last = max((t0 + dt for _, _, t0, dt in records), default=t_start)
         window = t_last - t_start
         lat_ms = [dt * 1000 for _, _, _, dt in records]
+        figures["ingest"] = len(acked) / window if window > 0 else float("nan")
         print()
         print(
             f"ingest: {len(acked)}/{total} instances acknowledged over {n_assoc} concurrent "
@@ -266,14 +335,28 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"{len(lost)} acknowledged instance(s) not in the job store")
 
         if args.wait:
-            problems += _wait_and_check(serve, sink, acked_uids, args.deadline, args.allow_resends)
+            problems += _wait_and_check(
+                serve, sink, acked_uids, args.deadline, args.allow_resends, figures
+            )
         code = serve.stop()
         if code not in (0, None):
             problems.append(f"dicom-covid serve exited with {code}")
+    return figures, problems
 
-    for p in problems:
-        print(f"error: {p}", file=sys.stderr)
-    return 1 if problems else 0
+
+def _print_table(table: list[tuple[int, int, dict[str, float]]]) -> None:
+    """The configurations side by side, inference throughput as a ratio to the first."""
+    if not table:
+        return
+    base = table[0][2].get("inference") or float("nan")
+    print()
+    print("workers  batch  ingest inst/s  inference images/s  end-to-end images/s  vs first")
+    for workers, batch, f in table:
+        inf = f.get("inference", float("nan"))
+        print(
+            f"{workers:>7}  {batch:>5}  {f.get('ingest', float('nan')):>13.1f}  {inf:>18.2f}  "
+            f"{f.get('end_to_end', float('nan')):>19.2f}  {inf / base:>7.2f}x"
+        )
 
 
 def _sop_uid(path: Path) -> str:
@@ -283,9 +366,17 @@ def _sop_uid(path: Path) -> str:
 
 
 def _wait_and_check(
-    serve: _pacs.Serve, sink: Sink, acked: set[str], deadline_s: float, allow_resends: bool
+    serve: _pacs.Serve,
+    sink: Sink,
+    acked: set[str],
+    deadline_s: float,
+    allow_resends: bool,
+    figures: dict[str, float],
 ) -> list[str]:
-    """Wait for every job to finish, then check results and deliveries; return problems."""
+    """Wait for every job to finish, then check results and deliveries; return problems.
+
+    Puts the ``inference`` and ``end_to_end`` throughputs (images/s) in ``figures``.
+    """
     problems: list[str] = []
     deadline = time.monotonic() + deadline_s
     t0 = time.monotonic()
@@ -338,13 +429,15 @@ def _wait_and_check(
     analysed = len(candidates) - len(failed)
     print(f"processing finished {waited:.1f} s after the last C-STORE response")
     if span[0] is not None and span[1] > span[0]:
+        figures["inference"] = analysed / (span[1] - span[0])
         print(
             f"inference: {analysed} image(s) in {span[1] - span[0]:.1f} s (first job start to last "
-            f"job end): {analysed / (span[1] - span[0]):.2f} images/s; per job (one image: "
-            f"read, inference, Grad-CAM, SR + SC written and recorded) median "
+            f"job end): {analysed / (span[1] - span[0]):.2f} images/s; per job (claim to "
+            f"every image's SR + SC written and recorded, batches included) median "
             f"{_pacs.median(per_job):.2f} s, p95 {_pacs.percentile(per_job, 0.95):.2f} s"
         )
     if first_rx is not None and last_dl is not None and last_dl > first_rx:
+        figures["end_to_end"] = analysed / (last_dl - first_rx)
         print(
             f"end to end: {analysed} image(s) from first received to last delivered in "
             f"{last_dl - first_rx:.1f} s: {analysed / (last_dl - first_rx):.2f} images/s"

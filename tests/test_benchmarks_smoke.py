@@ -131,8 +131,13 @@ def test_load_smoke(bundle: Path) -> None:
         "--bundle",
         str(bundle),
         "--allow-resends",  # a lost C-STORE response may make the sender re-send (pynetdicom race)
+        "--configs",
+        "1x1,2x4",
     )
-    assert "ingest: 6/6 instances acknowledged over 2 concurrent associations" in out, out
+    assert out.count("ingest: 6/6 instances acknowledged over 2 concurrent associations") == 2, out
+    assert "== serve --workers 2 --batch-size 4" in out, out
+    assert re.search(rf"\n\s+1\s+1\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+1\.00x", out), out
+    assert re.search(rf"\n\s+2\s+4\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x", out), out
     assert re.search(rf"p95 {NUMBER} ms", out), out
     assert "lost: 0 acknowledged" in out, out
     assert "6 candidate(s), 0 failed, 6 with exactly one SR + one SC" in out, out
