@@ -592,8 +592,12 @@ def worker_main(
     )
     unsettled: list[Job] = []  # jobs whose state could not be recorded (disk full)
     pause = 0.0
+    parent = os.getppid()
     try:
         while not stop_event.is_set():
+            if os.getppid() != parent:  # the service died (kill -9): never outlive it
+                logger.warning("%s: the service process is gone; stopping", name)
+                break
             jobs: list[Job] = []
             try:
                 while unsettled:

@@ -449,3 +449,30 @@ def test_kill_9_of_one_worker_of_two_loses_nothing(tmp_path: Path) -> None:
     assert counts["jobs"]["failed"] == 0 and counts["instances"]["failed"] == 0, counts
     # two workers loaded the model, then the replacement of the killed one
     assert len(set(re.findall(r"(worker-\d+): model", log))) == 3
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.timeout(300)
+def test_workers_do_not_outlive_a_killed_service(tmp_path: Path) -> None:
+    """kill -9 of the service process alone (not its group) leaves no worker behind polling
+    the job store: each notices within seconds and stops, so a restarted service is alone."""
+    svc = ServeProcess(tmp_path / "svc", fast_bundle(tmp_path / "bundle"), WORKERS)
+    try:
+        svc.start()
+        pids = [int(p) for p in re.findall(r"worker-(\d+): model", svc.log.read_text())]
+        assert len(pids) == 2 and all(_running(p) for p in pids)
+        assert svc.proc is not None
+        os.kill(svc.proc.pid, signal.SIGKILL)
+        wait_until(
+            lambda: not any(_running(p) for p in pids), 30, what="the orphaned workers to stop"
+        )
+    finally:
+        svc.close()
