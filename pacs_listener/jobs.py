@@ -39,43 +39,41 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicom_covid.errors import DicomCovidError
+
 from .config import RetryPolicy
 from .spool import ensure_private_dir
+from .states import (
+    DELIVERY_TRANSITIONS,
+    INSTANCE_TRANSITIONS,
+    JOB_TRANSITIONS,
+    DeliveryState,
+    InstanceState,
+    JobState,
+    transition_trigger,
+)
 
 __all__ = [
     "INSTANCE_STATES",
     "JOB_STATES",
     "STAGES",
     "Delivery",
+    "DeliveryState",
     "Instance",
+    "InstanceState",
     "Job",
+    "JobState",
     "JobStore",
     "ResultFile",
+    "StoreError",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Instance states, in pipeline order, then the terminal side states.
-INSTANCE_STATES = (
-    "received",
-    "grouped",
-    "inferred",
-    "results_written",
-    "delivered",
-    "skipped",
-    "failed",
-    "dead",
-)
+INSTANCE_STATES = tuple(InstanceState)
 #: Job states.
-JOB_STATES = (
-    "grouped",
-    "running",
-    "waiting_for_disk",
-    "results_written",
-    "delivered",
-    "failed",
-    "dead",
-)
+JOB_STATES = tuple(JobState)
 #: Instance states whose results are still to be written (their disk space is reserved).
 _RESULTS_TO_WRITE = ("received", "grouped", "inferred")
 
@@ -95,7 +93,8 @@ STAGES = {
     "WHERE i.job_id = j.id)",
 }
 
-_SCHEMA_VERSION = "3"
+#: Version 4 installs the state machines (:mod:`pacs_listener.states`) as triggers.
+_SCHEMA_VERSION = "4"
 #: Columns added after schema version 1: (table, column, definition).
 _MIGRATIONS = (
     ("jobs", "not_before", "REAL"),
@@ -174,7 +173,7 @@ class Job:
     ----------
     id : int
     study_instance_uid : str
-    state : str
+    state : JobState
     attempts : int
         How many times a worker claimed it.
     reason : str or None
@@ -182,7 +181,7 @@ class Job:
 
     id: int
     study_instance_uid: str
-    state: str
+    state: JobState
     attempts: int = 0
     reason: str | None = None
 
@@ -195,7 +194,7 @@ class Instance:
     study_instance_uid: str
     series_instance_uid: str
     sop_class_uid: str
-    state: str
+    state: InstanceState
     path: Path | None
     reason: str | None
     job_id: int | None
@@ -236,6 +235,10 @@ class Delivery:
     path: Path
 
 
+class StoreError(DicomCovidError):
+    """The job store cannot be used (written by a newer dicom-covid, ...)."""
+
+
 class JobStore:
     """The SQLite job store.
 
@@ -246,6 +249,12 @@ class JobStore:
     create : bool
         Create the file and schema when missing (default True); False raises
         ``FileNotFoundError`` for a missing store (used by ``status``/``retry``).
+
+    Raises
+    ------
+    StoreError
+        When the store was written by a newer version of dicom-covid (a higher schema
+        version): it is never opened, so an older program cannot corrupt it.
     """
 
     def __init__(self, path: Path, create: bool = True) -> None:
@@ -260,14 +269,38 @@ class JobStore:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._connections: list[sqlite3.Connection] = []
+        self._check_version()
         if create:
             con = self._con()
             con.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS)
+            for table, transitions in (
+                ("instances", INSTANCE_TRANSITIONS),
+                ("jobs", JOB_TRANSITIONS),
+                ("deliveries", DELIVERY_TRANSITIONS),
+            ):
+                con.execute(transition_trigger(table, transitions))
             for table, column, definition in _MIGRATIONS:  # a version-1 store gains them
                 have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
                 if column not in have:
                     con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
             self._set_meta("schema_version", _SCHEMA_VERSION)
+
+    def _check_version(self) -> None:
+        try:
+            row = (
+                self._con()
+                .execute("SELECT value FROM meta WHERE key = 'schema_version'")
+                .fetchone()
+            )
+        except sqlite3.OperationalError:  # a new or version-1 store: no meta table yet
+            return
+        if row is not None and int(row[0]) > int(_SCHEMA_VERSION):
+            self.close()
+            raise StoreError(
+                f"the job store {self.path} has schema version {row[0]}, written by a newer "
+                f"dicom-covid (this one reads up to version {_SCHEMA_VERSION}); upgrade "
+                "dicom-covid or use another --state-dir"
+            )
 
     # -- connections -------------------------------------------------------------------------
 
@@ -433,7 +466,7 @@ class JobStore:
             study_instance_uid=row["study_instance_uid"],
             series_instance_uid=row["series_instance_uid"],
             sop_class_uid=row["sop_class_uid"],
-            state=row["state"],
+            state=InstanceState(row["state"]),
             path=self._abs(row["path"]),
             reason=row["reason"],
             job_id=row["job_id"],
@@ -480,7 +513,7 @@ class JobStore:
                     "WHERE study_instance_uid = ? AND state = 'received' AND job_id IS NULL",
                     (job_id, now, study),
                 ).rowcount
-                jobs.append(Job(job_id, study, "grouped"))
+                jobs.append(Job(job_id, study, JobState.GROUPED))
                 sizes.append(n)
         for job, n in zip(jobs, sizes, strict=True):  # logged once committed
             logger.info(
@@ -556,7 +589,7 @@ class JobStore:
                     (worker, now, now, row["id"]),
                 )
                 claimed.append(
-                    Job(row["id"], row["study_instance_uid"], "running", row["attempts"] + 1)
+                    Job(row["id"], row["study_instance_uid"], JobState.RUNNING, row["attempts"] + 1)
                 )
                 images += row["todo"]
                 if images >= max_images:
@@ -614,7 +647,11 @@ class JobStore:
         if row is None:
             return None
         return Job(
-            row["id"], row["study_instance_uid"], row["state"], row["attempts"], row["reason"]
+            row["id"],
+            row["study_instance_uid"],
+            JobState(row["state"]),
+            row["attempts"],
+            row["reason"],
         )
 
     def jobs(self, states: Sequence[str] | None = None, limit: int = 100) -> list[Job]:
@@ -626,7 +663,7 @@ class JobStore:
         sql += " ORDER BY id DESC LIMIT ?"
         rows = self._con().execute(sql, [*args, limit]).fetchall()
         return [
-            Job(r["id"], r["study_instance_uid"], r["state"], r["attempts"], r["reason"])
+            Job(r["id"], r["study_instance_uid"], JobState(r["state"]), r["attempts"], r["reason"])
             for r in rows
         ]
 

@@ -36,7 +36,7 @@ from typing import Any
 from dicom_covid.errors import DicomCovidError
 
 from .config import ServiceConfig
-from .jobs import JobStore
+from .jobs import JobStore, StoreError
 from .scp import StorageSCP
 from .sender import Sender
 from .spool import Spool, ensure_private_dir
@@ -128,6 +128,8 @@ class Service:
                 f"cannot use the state folder {c.state_dir}: {exc}. Choose a writable folder "
                 "with --state-dir."
             ) from exc
+        except StoreError as exc:
+            raise ServiceError(str(exc)) from exc
         self.store.release_running(count_attempt=False)  # the last run stopped, not the job
         self._report_orphans()
         self._log_queue = self._ctx.Queue()

@@ -187,8 +187,13 @@ def test_full_disk_during_a_send_loses_nothing_and_needs_no_operator(
         files = list(out.rglob("*.dcm"))
         assert len(files) == 2 * len(datasets)
         assert "resumes by itself" in stderr.read_text()
-        # the log on the full file system works again once space is back
-        assert datasets[-1].SOPInstanceUID in svc.log.read_text()
+        # the log on the full file system works again once space is back (the worker's lines
+        # reach it through the service process's log queue: allow them a moment)
+        wait_until(
+            lambda: datasets[-1].SOPInstanceUID in svc.log.read_text(),
+            30,
+            what="the last image's line in the log",
+        )
     finally:
         svc.close()
         subprocess.run(["sync"], check=False)

@@ -399,3 +399,45 @@ def test_claims_are_exclusive_across_processes(store: JobStore, tmp_path: Path) 
         p.join(10)
     ids = [i for got in claimed for i in got]
     assert len(ids) == 60 and len(set(ids)) == 60  # every job once, by one worker
+
+
+def test_the_store_refuses_state_changes_its_machine_does_not_allow(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """The state machines of :mod:`pacs_listener.states` are triggers: even raw SQL cannot
+    take a delivered job back to running or a skipped instance into the pipeline."""
+    from pacs_listener.states import JOB_TRANSITIONS, JobState, allowed
+
+    uids = _received(store, "5", 1, now=0.0, tmp=tmp_path)
+    store.add_instance("1.2.3.skip", "5", state="skipped", reason="wrong_modality", now=0.0)
+    (job,) = store.group_stable_studies(1.0, now=10.0)
+    store.claim_job("w")
+    store.record_results(job.id, uids[0], _results(job.id, uids[0], tmp_path), [])
+    assert store.finish_job(job.id) == "delivered"  # no targets: delivered at once
+    con = sqlite3.connect(store.path)
+    for sql in (
+        "UPDATE jobs SET state = 'running'",
+        "UPDATE instances SET state = 'grouped' WHERE sop_instance_uid = '1.2.3.skip'",
+        "UPDATE instances SET state = 'received' WHERE sop_instance_uid = '1.2.3.5.0.0'",
+    ):
+        with pytest.raises(sqlite3.IntegrityError, match="state machine"):
+            con.execute(sql)
+    con.execute("UPDATE jobs SET state = 'delivered'")  # the same state is always allowed
+    con.close()
+    assert store.job(job.id).state is JobState.DELIVERED
+    assert not allowed(JOB_TRANSITIONS, "delivered", "running")
+    assert allowed(JOB_TRANSITIONS, "failed", "grouped")
+
+
+def test_a_store_from_a_newer_version_is_not_opened(tmp_path: Path) -> None:
+    from pacs_listener.jobs import StoreError
+
+    path = tmp_path / "jobs.sqlite"
+    JobStore(path).close()
+    con = sqlite3.connect(path)
+    con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    for create in (True, False):
+        with pytest.raises(StoreError, match="schema version 99, written by a newer"):
+            JobStore(path, create=create)

@@ -42,12 +42,15 @@ def retry(
     """
     if job is None and not all_dead and not all_failed:
         raise typer.BadParameter("give --job ID, --all-dead or --all-failed.")
-    from pacs_listener.jobs import JobStore
+    from pacs_listener.jobs import JobStore, StoreError
 
     try:
         store = JobStore(state_dir / "jobs.sqlite", create=False)
     except FileNotFoundError:
         typer.secho(f"error: {state_dir} holds no jobs.sqlite.", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    except StoreError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     with store:
         if job is not None and store.job(job) is None:

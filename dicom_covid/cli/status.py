@@ -37,7 +37,7 @@ def status(
     Safe while the service runs (read-only). Exit status 0, or 1 when the folder holds no job
     database.
     """
-    from pacs_listener.jobs import JobStore
+    from pacs_listener.jobs import JobStore, StoreError
 
     try:
         store = JobStore(state_dir / "jobs.sqlite", create=False)
@@ -48,6 +48,9 @@ def status(
             fg=typer.colors.RED,
             err=True,
         )
+        raise typer.Exit(1) from None
+    except StoreError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     with store:
         counts = store.counts()
