@@ -34,13 +34,21 @@ from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 
+from .acceptance import (
+    GRAYSCALE,
+    LATERAL_VIEWS,
+    declared_size,
+    has_pixels,
+    is_chest,
+    is_lateral,
+    short_element,
+)
 from .config import ReaderConfig
 from .errors import InputRejected
 
@@ -55,10 +63,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: View Position values that mark a lateral (non-frontal) projection.
-LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "XTABLE LATERAL"})
-#: Body Part Examined values (upper case) accepted as chest. Empty or absent is accepted too.
-CHEST_BODY_PARTS = ("CHEST", "THORAX", "LUNG", "TORAX", "BRUST", "PECHO", "TORACE", "POITRINE")
 #: Storage SOP classes whose images we accept (CR, DX for presentation/processing, SC, Digital X-ray
 #: variants). Others with pixel data are checked by Modality instead.
 _XRAY_MODALITIES_HINT = "CR or DX (or an X-ray Secondary Capture)"
@@ -70,8 +74,6 @@ _BITMAP_TO_RGB = frozenset({"P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBa"})
 #: Encapsulated transfer syntaxes whose decoders (libjpeg, CharLS) return an image from a
 #: truncated codestream without raising; their frames are checked for the end-of-image marker.
 _EOI_CHECKED = frozenset(JPEGTransferSyntaxes) | frozenset(JPEGLSTransferSyntaxes)
-#: Pixel data elements: integer, float and double float.
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 @dataclass(frozen=True)
@@ -227,19 +229,12 @@ def _truncation(ds: Dataset) -> str | None:
     image (or any object) whose header stops before its Pixel Data.
     """
     for dataset in (getattr(ds, "file_meta", None), ds):
-        if dataset is None:
-            continue
-        for elem in dataset.elements():
-            if (
-                isinstance(elem, RawDataElement)
-                and elem.value is not None
-                and elem.length != 0xFFFFFFFF
-                and len(elem.value) < elem.length
-            ):
-                return f"element {elem.tag} holds {len(elem.value)} of its {elem.length} bytes"
+        problem = short_element(dataset) if dataset is not None else None
+        if problem:
+            return problem
     if len(ds) == 0:
         return "no data elements after the file meta information"
-    if not any(k in ds for k in _PIXEL_KEYWORDS):
+    if not has_pixels(ds):
         if "SOPClassUID" not in ds:  # type 1 in every IOD: the file stops before it
             return "the file ends before the SOP Class UID"
         meta = getattr(ds, "file_meta", None) or Dataset()
@@ -338,34 +333,6 @@ def read_dataset(
         study_instance_uid=str(ds.get("StudyInstanceUID", "")),
         series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
     )
-
-
-def declared_size(ds: Dataset) -> tuple[int, int]:
-    """Pixels and decoded bytes an image header declares, without decoding anything.
-
-    Parameters
-    ----------
-    ds : pydicom.dataset.Dataset
-        An image header (Rows, Columns, Number of Frames, Samples per Pixel, Bits Allocated;
-        absent values count as 0 rows/columns, 1 frame, 1 sample, 16 bits).
-
-    Returns
-    -------
-    tuple of int
-        ``(rows x columns x frames, decoded bytes)``.
-
-    Raises
-    ------
-    ValueError, TypeError
-        When one of these values is not a number.
-    """
-    rows = int(ds.get("Rows", 0) or 0)
-    cols = int(ds.get("Columns", 0) or 0)
-    frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    samples = max(1, int(ds.get("SamplesPerPixel", 1) or 1))
-    bits = max(1, int(ds.get("BitsAllocated", 16) or 16))
-    pixels = rows * cols * frames
-    return pixels, pixels * samples * ((bits + 7) // 8)
 
 
 def check_image_size(ds: Dataset, config: ReaderConfig | None = None, source: str = "") -> None:
@@ -476,7 +443,7 @@ def _check_header(ds: Dataset, config: ReaderConfig, source: str) -> None:
     """Raise InputRejected for anything that is not a frontal grayscale chest radiograph."""
     # Pixel Data first: a report, presentation state or key-object note (SR, PR, KO modalities)
     # is "not an image", which says more than "wrong modality".
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+    if not has_pixels(ds):
         raise InputRejected(
             "no_pixel_data",
             f"{source}: the dataset has no Pixel Data (SOP class "
@@ -501,7 +468,7 @@ def _check_header(ds: Dataset, config: ReaderConfig, source: str) -> None:
             "are classified. Send a chest X-ray.",
         )
     body_part = str(ds.get("BodyPartExamined", "")).upper().strip()
-    if config.check_body_part and body_part and not any(p in body_part for p in CHEST_BODY_PARTS):
+    if config.check_body_part and not is_chest(ds):
         raise InputRejected(
             "wrong_body_part",
             f"{source}: Body Part Examined is {body_part!r}; only chest radiographs are "
@@ -509,7 +476,7 @@ def _check_header(ds: Dataset, config: ReaderConfig, source: str) -> None:
         )
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    if samples != 1 or photometric not in GRAYSCALE:
         raise InputRejected(
             "colour",
             f"{source}: the image is colour ({photometric or 'unknown'}, {samples} samples per "
@@ -547,7 +514,7 @@ def _check_header(ds: Dataset, config: ReaderConfig, source: str) -> None:
             "BitsStored must be between 1 and BitsAllocated (8, 16 or 32).",
         )
     view = str(ds.get("ViewPosition", "")).upper().strip()
-    if config.reject_lateral and view in LATERAL_VIEWS:
+    if config.reject_lateral and is_lateral(ds):
         raise InputRejected(
             "lateral_view",
             f"{source}: View Position is {view!r} (lateral); the models were trained on frontal "

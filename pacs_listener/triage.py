@@ -2,9 +2,10 @@
 
 A PACS forwards whole studies, so most of what arrives is not for us: CT slices, reports,
 presentation states, lateral views, and our own results coming back. :func:`triage` decides from
-the header alone (pydicom, no pixel decoding, no torch) whether an instance is a frontal CR/DX
-chest radiograph (or an X-ray Secondary Capture); everything else is acknowledged and recorded as
-skipped with a short reason code. The worker still runs the full reader checks
+the header alone (pydicom, no pixel decoding, no torch), with the rules of
+:mod:`dicom_covid.acceptance` that the reader applies too, whether an instance is a frontal
+CR/DX chest radiograph (or an X-ray Secondary Capture); everything else is acknowledged and
+recorded as skipped with a short reason code. The worker still runs the full reader checks
 (:func:`dicom_covid.reader.read_dataset`) on candidates and fails those it rejects.
 """
 
@@ -14,7 +15,16 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from dicom_covid.reader import declared_size
+from dicom_covid.acceptance import (
+    CANDIDATE_SOP_CLASSES,
+    GRAYSCALE,
+    SECONDARY_CAPTURE,
+    declared_size,
+    has_pixels,
+    is_chest,
+    is_lateral,
+    short_element,
+)
 
 from .config import OWN_MARKER
 
@@ -28,20 +38,9 @@ __all__ = [
     "triage",
 ]
 
-#: SOP classes whose single-frame grayscale images may be chest radiographs.
-CANDIDATE_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",
-    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
-}
-_SC = "1.2.840.10008.5.1.4.1.1.7"
 #: Modality values of a radiograph; a Secondary Capture may also say OT (other).
 _XRAY_MODALITIES = {"CR", "DX"}
 _SC_MODALITIES = {"CR", "DX", "OT", ""}
-#: View Position values of lateral projections (same set as the reader's).
-_LATERAL = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "XTABLE LATERAL"}
-_CHEST = ("CHEST", "THORAX", "LUNG", "TORAX", "BRUST", "PECHO", "TORACE", "POITRINE")
 
 
 @dataclass(frozen=True)
@@ -65,9 +64,6 @@ class Verdict:
     detail: str = ""
 
 
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-
-
 def incomplete(ds: Dataset) -> str | None:
     """Say how a received data set was cut short, or None when it looks complete.
 
@@ -76,18 +72,11 @@ def incomplete(ds: Dataset) -> str | None:
     shorter than its declared length, or a candidate image (CR, DX, SC) without any pixel data,
     means the data set is incomplete and must be refused rather than acknowledged.
     """
-    from pydicom.dataelem import RawDataElement
-
-    for elem in ds.elements():
-        if (
-            isinstance(elem, RawDataElement)
-            and elem.value is not None
-            and elem.length != 0xFFFFFFFF
-            and len(elem.value) < elem.length
-        ):
-            return f"element {elem.tag} holds {len(elem.value)} of its {elem.length} bytes"
+    problem = short_element(ds)
+    if problem:
+        return problem
     sop_class = str(ds.get("SOPClassUID", "") or "").strip()
-    if sop_class in CANDIDATE_SOP_CLASSES and not any(k in ds for k in _PIXEL_KEYWORDS):
+    if sop_class in CANDIDATE_SOP_CLASSES and not has_pixels(ds):
         return f"a {CANDIDATE_SOP_CLASSES[sop_class]} data set without Pixel Data"
     return None
 
@@ -96,7 +85,7 @@ def too_large(ds: Dataset, maximum_pixels: int, maximum_bytes: int) -> str | Non
     """Say why an image is too large to analyse, or None when it fits the limits.
 
     Only the header is read (Rows x Columns x Number of Frames and the decoded size from
-    Samples per Pixel and Bits Allocated, see :func:`dicom_covid.reader.declared_size`), so a
+    Samples per Pixel and Bits Allocated, see :func:`dicom_covid.acceptance.declared_size`), so a
     decompression bomb costs nothing to refuse.
 
     Raises
@@ -168,21 +157,21 @@ def triage(ds: Dataset, marker: str = OWN_MARKER) -> Verdict:
     detail = f"{class_name}, modality {modality or 'none'}"
     if is_own_result(ds, marker):
         return Verdict(False, "own_result", f"{detail}, produced by {marker}")
-    has_pixels = any(k in ds for k in _PIXEL_KEYWORDS)
-    if sop_class not in CANDIDATE_SOP_CLASSES or not has_pixels:
-        reason = "not_image" if not has_pixels else "wrong_modality"
+    pixels = has_pixels(ds)
+    if sop_class not in CANDIDATE_SOP_CLASSES or not pixels:
+        reason = "not_image" if not pixels else "wrong_modality"
         return Verdict(False, reason, detail)
-    allowed = _SC_MODALITIES if sop_class == _SC else _XRAY_MODALITIES | {""}
+    allowed = _SC_MODALITIES if sop_class == SECONDARY_CAPTURE else _XRAY_MODALITIES | {""}
     if modality not in allowed:
         return Verdict(False, "wrong_modality", detail)
-    view = str(ds.get("ViewPosition", "")).strip().upper()
-    if view in _LATERAL:
+    if is_lateral(ds):
+        view = str(ds.get("ViewPosition", "")).strip().upper()
         return Verdict(False, "lateral_view", f"{detail}, view {view}")
-    body = str(ds.get("BodyPartExamined", "")).strip().upper()
-    if body and not any(p in body for p in _CHEST):
+    if not is_chest(ds):
+        body = str(ds.get("BodyPartExamined", "")).strip().upper()
         return Verdict(False, "not_chest", f"{detail}, body part {body}")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    if photometric and photometric not in ("MONOCHROME1", "MONOCHROME2"):
+    if photometric and photometric not in GRAYSCALE:
         return Verdict(False, "colour", f"{detail}, {photometric}")
     if int(ds.get("NumberOfFrames", 1) or 1) != 1:
         return Verdict(False, "multi_frame", detail)
