@@ -19,6 +19,7 @@ from .errors import (
     ResultEncodingError,
 )
 
+
 def _version() -> str:
     """The installed distribution's version (``pyproject.toml`` is the one place it is written)."""
     from importlib.metadata import PackageNotFoundError, version

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import DataError, InputRejected
-from .reader import XrayImage, read_image
+from .reader import IMAGE_SUFFIXES, XrayImage, find_images, read_image
 from .transforms import preprocess
 
 if TYPE_CHECKING:
@@ -53,8 +53,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: File suffixes :func:`list_images` picks up (``""``: DICOM files without a suffix).
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom", ".png", ".jpg", ".jpeg", ""})
 
 #: Key :class:`LoadXrayd` sets to the rejection reason (``""`` when the image was read).
 REJECTED_KEY = "rejected"
@@ -91,11 +89,7 @@ def list_images(
         raise DataError(
             f"{root}: no such folder. Pass --dataset_dir pointing at a folder of DICOM files."
         )
-    files = sorted(
-        f
-        for f in root.rglob("*")
-        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
-    )
+    files = find_images([root])
     if not files:
         raise DataError(
             f"{root}: no DICOM, PNG or JPEG file found (suffixes .dcm, .dicom, .png, .jpg, "

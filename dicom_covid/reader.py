@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -53,10 +54,12 @@ from .config import ReaderConfig
 from .errors import InputRejected
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "LATERAL_VIEWS",
     "XrayImage",
     "check_image_size",
     "declared_size",
+    "find_images",
     "read_dataset",
     "read_image",
 ]
@@ -133,6 +136,42 @@ class XrayImage:
             "rows": self.shape[0],
             "columns": self.shape[1],
         }
+
+
+#: File suffixes :func:`find_images` picks up in folders (``""``: DICOM files without one).
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom", ".png", ".jpg", ".jpeg", ""})
+
+
+def find_images(paths: Sequence[str | Path]) -> list[Path]:
+    """The image files of ``paths``: files as given, folders walked recursively.
+
+    In a folder, files whose suffix is in :data:`IMAGE_SUFFIXES` (DICOM with any of its usual
+    suffixes or none, PNG, JPEG) are taken, hidden files skipped, sorted per folder given.
+
+    Parameters
+    ----------
+    paths : sequence of str or pathlib.Path
+        Files and folders.
+
+    Returns
+    -------
+    list of pathlib.Path
+    """
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(
+                sorted(
+                    f
+                    for f in p.rglob("*")
+                    if f.is_file()
+                    and f.suffix.lower() in IMAGE_SUFFIXES
+                    and not f.name.startswith(".")
+                )
+            )
+        else:
+            out.append(p)
+    return out
 
 
 def read_image(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..reader import find_images
 from ._app import app
 from .common import BundleOption, ModelOption, fail_on_error, setup_logging
 
@@ -33,26 +34,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _TARGETS = ("covid", "normal", "pneumonia", "predicted")
-
-
-def _expand(paths: Sequence[Path]) -> list[Path]:
-    from ..monai_components import IMAGE_SUFFIXES
-
-    out: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            out.extend(
-                sorted(
-                    f
-                    for f in p.rglob("*")
-                    if f.is_file()
-                    and f.suffix.lower() in IMAGE_SUFFIXES
-                    and not f.name.startswith(".")
-                )
-            )
-        else:
-            out.append(p)
-    return out
 
 
 def _font(size: int):
@@ -444,7 +425,7 @@ def heatmap(
             typer.echo(DISCLAIMER)
             return
         written, rejected = _write_overlays(
-            _expand(paths), predictor, explainer, target, output_dir, max_side
+            find_images(paths), predictor, explainer, target, output_dir, max_side
         )
     for path in written:
         typer.echo(str(path))

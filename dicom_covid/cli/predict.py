@@ -14,26 +14,6 @@ from .common import BundleOption, ModelOption, fail_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
-_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ""}
-
-
-def _expand(paths: list[Path]) -> list[Path]:
-    """Files as given; folders walked recursively for DICOM (any or no suffix), PNG and JPEG."""
-    out: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            out.extend(
-                sorted(
-                    f
-                    for f in p.rglob("*")
-                    if f.is_file() and f.suffix.lower() in _SUFFIXES and not f.name.startswith(".")
-                )
-            )
-        else:
-            out.append(p)
-    return out
-
-
 @app.command()
 def predict(
     paths: Annotated[
@@ -68,9 +48,9 @@ def predict(
     setup_logging(verbose, quiet=not verbose)
     from ..errors import InputRejected
     from ..inference import DISCLAIMER, Predictor
-    from ..reader import read_image
+    from ..reader import find_images, read_image
 
-    files = _expand(paths)
+    files = find_images(paths)
     with fail_on_error():
         predictor = Predictor(
             bundle, model, device=device, abstention=None if abstain else {"enabled": False}
