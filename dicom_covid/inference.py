@@ -75,21 +75,7 @@ class Predictor:
     ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.facts: ModelFacts = self.bundle.facts(model)
-        try:
-            self.device = torch.device(device)
-        except RuntimeError as exc:
-            raise DicomCovidError(
-                f"unknown torch device {device!r} ({exc}); use cpu, cuda or cuda:N."
-            ) from exc
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise DicomCovidError(
-                f"device {device!r} asked for, but torch finds no CUDA GPU on this machine; "
-                "use --device cpu or install a CUDA build of torch."
-            )
-        #: Mixed-precision type on CUDA (None on the CPU: float32 throughout).
-        self.amp_dtype: torch.dtype | None = None
-        if self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self._set_device(device)
         self.labels = self.facts.labels
         self._covid = self.labels.index("covid")
         self._model: nn.Module | None = None
@@ -127,6 +113,24 @@ class Predictor:
         self._features: list[torch.Tensor] = []
         self._feature_hook: Any = None
         self.feature_layer: str | None = None
+
+    def _set_device(self, device: str) -> None:
+        """Check and set the torch device and its mixed-precision type."""
+        try:
+            self.device = torch.device(device)
+        except RuntimeError as exc:
+            raise DicomCovidError(
+                f"unknown torch device {device!r} ({exc}); use cpu, cuda or cuda:N."
+            ) from exc
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise DicomCovidError(
+                f"device {device!r} asked for, but torch finds no CUDA GPU on this machine; "
+                "use --device cpu or install a CUDA build of torch."
+            )
+        #: Mixed-precision type on CUDA (None on the CPU: float32 throughout).
+        self.amp_dtype: torch.dtype | None = None
+        if self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The precision context of a forward pass: mixed precision on CUDA, else nothing."""
@@ -223,21 +227,7 @@ class Predictor:
             weights=run_dir / "model.safetensors",
             raw=raw,
         )
-        try:
-            self.device = torch.device(device)
-        except RuntimeError as exc:
-            raise DicomCovidError(
-                f"unknown torch device {device!r} ({exc}); use cpu, cuda or cuda:N."
-            ) from exc
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise DicomCovidError(
-                f"device {device!r} asked for, but torch finds no CUDA GPU on this machine; "
-                "use --device cpu or install a CUDA build of torch."
-            )
-        #: Mixed-precision type on CUDA (None on the CPU: float32 throughout).
-        self.amp_dtype: torch.dtype | None = None
-        if self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self._set_device(device)
         self.labels = self.facts.labels
         self._covid = self.labels.index("covid")
         self._members = []
