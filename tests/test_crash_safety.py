@@ -207,20 +207,7 @@ def test_kill_9_while_receiving_loses_nothing_and_duplicates_nothing(
         svc.close()
         dest.stop()
 
-    source_of: dict[str, str] = {}  # result SOP Instance UID -> source image
-    class_of: dict[str, str] = {}
-    for ds in dest.received:
-        uid, cls = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
-        if cls == SR_CLASS:
-            ev = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
-            source = str(ev.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-        else:
-            assert cls == SC_CLASS
-            source = str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
-        source_of[uid], class_of[uid] = source, cls
-    per_source: dict[str, Counter] = defaultdict(Counter)
-    for uid, source in source_of.items():  # distinct result objects per source
-        per_source[source][class_of[uid]] += 1
+    per_source = _results_per_source(dest.received)  # distinct result objects per source
     arrivals = dest.counts()
     lost = sorted(expected - set(per_source))
     wrong = {s: dict(c) for s, c in per_source.items() if c != {SR_CLASS: 1, SC_CLASS: 1}}
@@ -381,6 +368,7 @@ def _results_per_source(received: list[pydicom.Dataset]) -> dict[str, Counter]:
             ev = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
             source = str(ev.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
         else:
+            assert cls == SC_CLASS, f"unexpected result class {cls}"
             source = str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
         per_source[source][cls] += 1
     return per_source
