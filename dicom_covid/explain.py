@@ -166,11 +166,23 @@ class Explainer:
             for probe in probes:
                 probe.remove()
 
-    def _cams(self, probe: _CamProbe, index: int, infos: Sequence[dict]) -> list[np.ndarray]:
-        """CAMs ``(S, S)`` of one network, per image, from the tensors of a finished pass."""
+    def _cams(
+        self, probe: _CamProbe, index: int | Sequence[int], infos: Sequence[dict]
+    ) -> list[np.ndarray]:
+        """CAMs ``(S, S)`` of one network, per image, from the tensors of a finished pass.
+
+        ``index`` is the explained class, one for all images or one per image.
+        """
         cams: list[np.ndarray] = []
+        start = 0
         for acts, logits, size in zip(probe.activations, probe.logits, probe.sizes, strict=True):
-            (grads,) = torch.autograd.grad(logits[:, index].sum(), acts)
+            if isinstance(index, int):
+                score = logits[:, index].sum()
+            else:
+                rows = torch.as_tensor(index[start : start + len(logits)], device=logits.device)
+                score = logits.gather(1, rows[:, None]).sum()
+            start += len(logits)
+            (grads,) = torch.autograd.grad(score, acts)
             a = acts.detach().float().cpu().numpy()
             g = grads.float().cpu().numpy()
             raw = self._cam_method.get_cam_image(None, self.layer, None, a, g, False)
@@ -199,13 +211,19 @@ class Explainer:
 
         With ``predict`` the pass is :meth:`Predictor.predict_batch` (probabilities, features
         for the out-of-distribution check, abstention); without, the networks' forward alone.
+        ``target`` ``"predicted"`` (with ``predict`` only) explains each image's predicted class.
         """
-        index = self._target_index(target)
+        per_image = target == "predicted"
+        if per_image and not predict:
+            raise ValueError("target 'predicted' needs the prediction of the same pass")
+        index: int | list[int] = 0 if per_image else self._target_index(target)
         nets = self._networks()
         with self._one_pass() as probes:
             if predict:
                 predictions = self.predictor.predict_batch(images, batch_size)
                 infos = [list(e.predictor.last_infos) for e in nets]
+                if per_image:
+                    index = [self._target_index(p.label) for p in predictions]
             else:
                 predictions = None
                 infos = [e._forward(images, batch_size) for e in nets]
@@ -223,7 +241,8 @@ class Explainer:
         images : sequence of XrayImage
             The radiographs.
         target : str
-            Class label whose score is explained (default ``"covid"``).
+            Class label whose score is explained (default ``"covid"``), or ``"predicted"``:
+            each image's predicted class.
         batch_size : int
             Images per forward pass.
 

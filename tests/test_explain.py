@@ -279,3 +279,19 @@ def test_one_pass_leaves_no_hooks_grads_or_grad_mode(predictor):
     assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
     assert torch.is_grad_enabled()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_one_pass_explains_each_images_predicted_class(predictor):
+    """target="predicted" in one batched pass: each image's map is that of its own predicted
+    class (as the two-pass ``heatmap(image, label)`` gives it), within 1e-4."""
+    images = [
+        _synthetic_xray(),
+        _synthetic_xray(200, 180),
+        read_image(get_testdata_file("RG1_UNCR.dcm")),
+    ]
+    explainer = Explainer(predictor)
+    results = explainer.predict_and_explain(images, target="predicted", batch_size=2)
+    for image, (prediction, heat) in zip(images, results, strict=True):
+        assert np.abs(heat - explainer.heatmap(image, prediction.label)).max() < 1e-4
+    with pytest.raises(ValueError, match="needs the prediction"):
+        explainer._explain(images, "predicted", 2, predict=False)

@@ -125,9 +125,8 @@ def _write_overlays(
         except InputRejected as exc:
             rejected.append({"path": str(f), "reason": exc.reason, "message": exc.message})
             continue
-        pred = predictor.predict(image)
+        ((pred, heat),) = explainer.predict_and_explain([image], target)  # one pass
         tgt = pred.label if target == "predicted" else target
-        heat = explainer.heatmap(image, tgt)
         png = _annotate(overlay(image, heat), _lines(pred, explainer.method, tgt), max_side)
         stem = f"{f.stem}_{explainer.method.replace('++', 'pp')}_{tgt}"
         name, k = f"{stem}.png", 1
