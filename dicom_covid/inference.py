@@ -364,7 +364,7 @@ class Predictor:
         skipped (logged once).
         """
         if self._segmenter is None:
-            from .lungs import LungSegmenter
+            from .lungs.segmenter import LungSegmenter
 
             try:
                 self._segmenter = LungSegmenter(self.bundle, device=str(self.device))

@@ -137,7 +137,7 @@ class Preprocessing:
 
     def _lungs(self) -> Any:
         if self.segmenter is None:
-            from .lungs import LungSegmenter
+            from .lungs.segmenter import LungSegmenter
 
             self.segmenter = LungSegmenter(self.bundle)
         return self.segmenter
@@ -148,7 +148,7 @@ class Preprocessing:
         Returns ``(None, fraction)`` when the lung fields cover less than ``min_lung_fraction``
         of the image (no plausible lungs: the whole image is kept).
         """
-        from .lungs import postprocess
+        from .lungs.segmenter import postprocess
 
         seg = self._lungs()
         prob = seg.probability(base[0].numpy())

@@ -25,7 +25,6 @@ from dicom_covid.errors import BundleError, DataError
 from dicom_covid.lungs import (
     LungSegmenter,
     ReferenceMasks,
-    _stratified,
     dice,
     find_mask_archive,
     heat_share,
@@ -35,6 +34,7 @@ from dicom_covid.lungs import (
     top_heat_share,
     train_segmenter,
 )
+from dicom_covid.lungs.heat_study import _stratified
 from dicom_covid.reader import read_image
 from dicom_covid.training.data import read_manifest
 
@@ -207,6 +207,32 @@ def test_postprocess_keeps_two_largest_and_fills_holes() -> None:
     prob[5:35, 22:37] = 0.0
     assert postprocess(prob, 0.5, min_component_fraction=0.05).sum() == 30 * 14
     assert postprocess(np.zeros((8, 8)), 0.5).sum() == 0
+
+
+def test_package_exports_every_public_name() -> None:
+    import dicom_covid.lungs as lungs
+
+    for name in lungs.__all__:
+        assert getattr(lungs, name) is not None, name
+    with pytest.raises(AttributeError):
+        lungs.no_such_name  # noqa: B018
+
+
+def test_runtime_import_leaves_training_and_figures_out() -> None:
+    """Inference loads the segmenter; training, figures and the heat-share study stay unloaded."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from dicom_covid.lungs import LungSegmenter, postprocess; "
+        "import dicom_covid.lungs.segmenter; "
+        "print(*(m for m in sys.modules if m.startswith('dicom_covid.lungs')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = out.stdout.split()
+    assert "dicom_covid.lungs.segmenter" in loaded
+    for heavy in ("training", "install", "figures", "heat_study"):
+        assert f"dicom_covid.lungs.{heavy}" not in loaded
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ def train(
     """Train the lung-field U-Net on the reference masks (train), select on val, Dice on test."""
     setup_logging(verbose)
     from ..config import default_data_dir
-    from ..lungs import install_segmenter, train_segmenter
+    from ..lungs.install import install_segmenter
+    from ..lungs.training import train_segmenter
 
     with fail_on_error():
         facts_path = train_segmenter(
@@ -131,7 +132,7 @@ def install(
 ) -> None:
     """Install a trained lung segmenter (lung_unet.safetensors + .json) into the bundle."""
     setup_logging(verbose)
-    from ..lungs import install_segmenter
+    from ..lungs.install import install_segmenter
 
     with fail_on_error():
         typer.echo(f"installed: {install_segmenter(run_dir, bundle)}")
@@ -160,8 +161,10 @@ def evaluate(
     """Dice of the bundle's lung segmenter against the reference lung masks of a split."""
     setup_logging(verbose, quiet=not verbose)
     from ..config import default_data_dir
-    from ..lungs import LungSegmenter, ReferenceMasks, contour_figure, evaluate_segmenter
-    from ..lungs import reference_cases as cases_of
+    from ..lungs.figures import contour_figure
+    from ..lungs.reference import ReferenceMasks, evaluate_segmenter
+    from ..lungs.reference import reference_cases as cases_of
+    from ..lungs.segmenter import LungSegmenter
 
     with fail_on_error():
         data_dir = data if data is not None else default_data_dir()
@@ -248,7 +251,7 @@ def heat_share(
     from ..config import default_data_dir
     from ..explain import CAM_METHODS
     from ..inference import DISCLAIMER
-    from ..lungs import heat_share_study, write_heat_share_report
+    from ..lungs.heat_study import heat_share_study, write_heat_share_report
 
     if method.lower() not in CAM_METHODS:
         raise typer.BadParameter(

@@ -1,0 +1,100 @@
+"""Lung-field segmentation and the "share of Grad-CAM heat inside the lung fields" indicator.
+
+A model that classifies chest X-rays should look at the lungs. Where its Grad-CAM heat sits
+outside them (burned-in labels, borders, collimation, text, the shoulders of a child), it is
+probably using a shortcut. One module per concern:
+
+* :mod:`~dicom_covid.lungs.segmenter`: :class:`LungSegmenter`, a small MONAI ``UNet`` (2-D, one
+  input channel) that outlines both lung fields of a frontal radiograph, loaded from the bundle
+  (``models/lung_unet.safetensors`` and ``models/lung_unet.json``, registered under
+  ``dicom_covid.lung_segmenter`` in ``configs/metadata.json``), and :func:`postprocess`. The
+  network's arguments, its input size, normalisation and the post-processing (threshold,
+  connected components, hole filling) come from the facts JSON, not from code.
+* :mod:`~dicom_covid.lungs.metrics`: :func:`heat_share` and :func:`top_heat_share` (how much of
+  a heat map lies inside a mask) and :func:`dice`.
+* :mod:`~dicom_covid.lungs.reference`: :class:`ReferenceMasks`, the lung masks shipped with the
+  ``torchxrayvision`` wheel (V7 Labs annotations of ieee8023 images) matched to the development
+  set, used to train the segmenter and to measure it (:func:`evaluate_segmenter`, Dice).
+* :mod:`~dicom_covid.lungs.training`: :func:`train_segmenter`;
+  :mod:`~dicom_covid.lungs.install`: :func:`install_segmenter` (into a bundle).
+* :mod:`~dicom_covid.lungs.figures`: :func:`contour_figure`;
+  :mod:`~dicom_covid.lungs.heat_study`: :func:`heat_share_study` and
+  :func:`write_heat_share_report` (the per-model report of ``dicom-covid lungs heat-share``).
+
+Importing this package loads only the run-time part (segmenter, metrics, reference masks);
+training, installation, figures and the heat-share study are imported on first use of one of
+their names, so inference never loads them (nor matplotlib).
+
+Heat share definition: ``sum(heat * mask) / sum(heat)`` over the source-resolution Grad-CAM map
+(values in ``[0, 1]``). A heat map spread evenly over the image gives the lung area fraction;
+1.0 means all heat inside the lungs. RESEARCH USE ONLY.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .metrics import dice, heat_share, top_heat_share
+from .reference import (
+    MASKS_INSTALL_HINT,
+    LungCase,
+    ReferenceMasks,
+    evaluate_segmenter,
+    find_mask_archive,
+    reference_cases,
+)
+from .segmenter import DEFAULT_ARCHITECTURE, LungSegmenter, build_unet, postprocess
+
+if TYPE_CHECKING:
+    from .figures import contour_figure
+    from .heat_study import HEAT_SHARE_DEFINITION, heat_share_study, write_heat_share_report
+    from .install import install_segmenter
+    from .training import train_segmenter
+
+__all__ = [
+    "DEFAULT_ARCHITECTURE",
+    "HEAT_SHARE_DEFINITION",
+    "MASKS_INSTALL_HINT",
+    "LungCase",
+    "LungSegmenter",
+    "ReferenceMasks",
+    "build_unet",
+    "contour_figure",
+    "dice",
+    "evaluate_segmenter",
+    "find_mask_archive",
+    "heat_share",
+    "heat_share_study",
+    "install_segmenter",
+    "postprocess",
+    "reference_cases",
+    "top_heat_share",
+    "train_segmenter",
+    "write_heat_share_report",
+]
+
+#: Names loaded on first use, with their module (keeps torch training code and matplotlib out
+#: of inference).
+_LAZY = {
+    "contour_figure": "figures",
+    "HEAT_SHARE_DEFINITION": "heat_study",
+    "_stratified": "heat_study",  # private; kept for code written against the old module
+    "heat_share_study": "heat_study",
+    "write_heat_share_report": "heat_study",
+    "install_segmenter": "install",
+    "train_segmenter": "training",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
