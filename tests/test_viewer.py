@@ -227,3 +227,34 @@ def test_demo_refuses_a_configured_port_in_use() -> None:
             DemoPorts.pick(viewer=port)
         ports = DemoPorts.pick(any_free=True)
     assert len({ports.viewer, ports.orthanc_http, ports.orthanc_dicom, ports.serve}) == 4
+
+
+def test_demo_without_the_checkout_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """From an installed wheel (no deploy/demo/), the command fails with what to do."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from dicom_covid.cli import demo as demo_command
+    from dicom_covid.cli.main import app
+
+    monkeypatch.setattr(demo_command, "STACK_DIR", tmp_path / "deploy" / "demo")
+    monkeypatch.delitem(sys.modules, demo_command._STACK_MODULE, raising=False)
+    out = CliRunner().invoke(app, ["demo", "--stop", "--state-dir", str(tmp_path)])
+    assert out.exit_code == 1, out.output
+    assert "needs a source checkout" in out.output
+
+
+def test_demo_stack_is_not_part_of_the_library() -> None:
+    """The CLI loads the stack (deploy/demo/) only when the command runs."""
+    import sys
+
+    code = (
+        "import sys, dicom_covid.cli.main; "
+        "print([m for m in sys.modules if m.startswith('dicom_covid_demo_stack')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    from dicom_covid.cli.demo import STACK_DIR, DemoStack
+
+    assert Path(sys.modules[DemoStack.__module__].__file__).parent == STACK_DIR
