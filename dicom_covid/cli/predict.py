@@ -14,6 +14,7 @@ from .common import BundleOption, ModelOption, fail_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
+
 @app.command()
 def predict(
     paths: Annotated[
