@@ -297,7 +297,7 @@ def ablation_table(results: list[dict[str, Any]], recipe: str = "transfer") -> s
                 _settings(r) != common,
                 len(off),
                 [order.get(x, len(order)) for x in off],
-                str(_settings(r)),
+                [-1 if v is None else v for v in _settings(r)],
             )
 
         for m in sorted(runs, key=rank):
