@@ -93,6 +93,8 @@ STAGES = {
     "WHERE i.job_id = j.id)",
 }
 
+#: Bytes the write-ahead log is truncated to after a checkpoint (``journal_size_limit``).
+_WAL_LIMIT = 2**20
 #: Version 4 installs the state machines (:mod:`pacs_listener.states`) as triggers.
 _SCHEMA_VERSION = "4"
 #: Columns added after schema version 1: (table, column, definition).
@@ -315,6 +317,10 @@ class JobStore:
             con.execute("PRAGMA synchronous=FULL")
             con.execute("PRAGMA foreign_keys=ON")
             con.execute("PRAGMA busy_timeout=30000")
+            # after each checkpoint the write-ahead log shrinks back to 1 MiB: without this it
+            # keeps the size it grew to (on a full disk, where checkpoints cannot complete, that
+            # is all the space there was), and free space would never come back
+            con.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
             self._local.con = con
             with self._lock:
                 self._connections.append(con)
@@ -333,6 +339,12 @@ class JobStore:
             con.execute("ROLLBACK")
             raise
         con.execute("COMMIT")
+
+    def release_wal(self) -> None:
+        """Checkpoint and truncate the write-ahead log, giving its disk space back (best effort:
+        a reader holding an old snapshot or a full disk may stop it; nothing is lost then)."""
+        with contextlib.suppress(sqlite3.Error):
+            self._con().execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
         """Close every connection this object opened."""

@@ -350,6 +350,7 @@ class JobProcessor:
 
     def wait_for_disk(self, job: Job, reason: str, done: int = 0) -> str:
         """Put ``job`` aside until disk space may be back; return ``"waiting_for_disk"``."""
+        self.store.release_wal()  # the job store's log may hold the space the results need
         delay = self.store.wait_for_disk(job.id, f"waiting_for_disk: {reason}", *self.disk_retry)
         logger.warning(
             "job %d: study %s waits for disk space (%s); %d image(s) written so far; it "
