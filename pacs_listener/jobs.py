@@ -179,6 +179,8 @@ class Job:
     attempts : int
         How many times a worker claimed it.
     reason : str or None
+    images : int
+        Images left to analyse when :meth:`JobStore.claim_jobs` claimed it (0 otherwise).
     """
 
     id: int
@@ -186,6 +188,7 @@ class Job:
     state: JobState
     attempts: int = 0
     reason: str | None = None
+    images: int = 0
 
 
 @dataclass(frozen=True)
@@ -601,7 +604,13 @@ class JobStore:
                     (worker, now, now, row["id"]),
                 )
                 claimed.append(
-                    Job(row["id"], row["study_instance_uid"], JobState.RUNNING, row["attempts"] + 1)
+                    Job(
+                        row["id"],
+                        row["study_instance_uid"],
+                        JobState.RUNNING,
+                        row["attempts"] + 1,
+                        images=row["todo"],
+                    )
                 )
                 images += row["todo"]
                 if images >= max_images:

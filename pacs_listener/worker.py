@@ -637,11 +637,10 @@ def _claim_batch(store: JobStore, name: str, wc: Any, stop_event: Any) -> list[J
     if not jobs or wc.batch_size <= 1 or wc.batch_wait <= 0:
         return jobs
     deadline = time.monotonic() + wc.batch_wait
-    images = sum(len(store.job_instances(j.id, states=("grouped", "inferred"))) for j in jobs)
+    images = sum(j.images for j in jobs)  # counted by the claim itself
     while images < wc.batch_size and not stop_event.wait(min(0.02, wc.batch_wait)):
         more = store.claim_jobs(name, wc.batch_size - images, wc.max_job_attempts)
-        for job in more:
-            images += len(store.job_instances(job.id, states=("grouped", "inferred")))
+        images += sum(j.images for j in more)
         jobs += more
         if time.monotonic() >= deadline:
             break
