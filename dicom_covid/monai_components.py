@@ -433,7 +433,7 @@ class ClassificationRunner:
 
 
 def write_evaluation(result: dict, output_dir: str | Path, report: bool = True) -> dict[str, Path]:
-    """Write the output of :func:`~dicom_covid.training.evaluate.evaluate_model`.
+    """Write the output of :func:`~dicom_covid.analysis.evaluate.evaluate_model`.
 
     Parameters
     ----------
@@ -450,13 +450,13 @@ def write_evaluation(result: dict, output_dir: str | Path, report: bool = True) 
     dict of str to pathlib.Path
         The files written, by kind.
     """
-    from .training.evaluate import to_json_ready
+    from .analysis.evaluate import to_json_ready
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     if report:
-        from .training.report import write_report
+        from .analysis.report import write_report
 
         files.update(write_report(result, out))
     summary = {k: v for k, v in result.items() if k != "predictions"}

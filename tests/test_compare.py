@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from dicom_covid.analysis.compare import comparison_rows, load_metrics
 from dicom_covid.errors import DataError
-from dicom_covid.training.compare import comparison_rows, load_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 _ALL = sorted((ROOT / "monai_bundle" / "docs").glob("*_test/metrics.json"))

@@ -14,17 +14,17 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from dicom_covid.cli.main import app
-from dicom_covid.inference import DISCLAIMER
-from dicom_covid.training.data import LABELS, read_manifest
-from dicom_covid.training.evaluate import HEADLINE_METRICS, compute_metrics, to_json_ready
-from dicom_covid.training.metrics import binary_auc, expected_calibration_error
-from dicom_covid.training.shortcut import (
+from dicom_covid.analysis.evaluate import HEADLINE_METRICS, compute_metrics, to_json_ready
+from dicom_covid.analysis.shortcut import (
     FEATURE_NAMES,
     extract_features,
     fit_shortcut,
     shortcut_features,
 )
+from dicom_covid.cli.main import app
+from dicom_covid.inference import DISCLAIMER
+from dicom_covid.training.data import LABELS, read_manifest
+from dicom_covid.training.metrics import binary_auc, expected_calibration_error
 
 runner = CliRunner()
 

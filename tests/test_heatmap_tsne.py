@@ -14,12 +14,12 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
+from dicom_covid.analysis.tsne import classifier_head, tsne_2d
 from dicom_covid.cli.main import app
 from dicom_covid.inference import DISCLAIMER, Predictor
 from dicom_covid.models import BACKBONES, build_model, embed
 from dicom_covid.reader import read_image
 from dicom_covid.training.data import LABELS, read_manifest
-from dicom_covid.training.tsne import classifier_head, tsne_2d
 
 runner = CliRunner()
 

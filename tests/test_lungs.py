@@ -19,6 +19,7 @@ from helpers import ROOT, make_throwaway_bundle
 from PIL import Image
 from typer.testing import CliRunner
 
+from dicom_covid.analysis.heat_study import _stratified
 from dicom_covid.bundle import Bundle
 from dicom_covid.cli.main import app
 from dicom_covid.errors import BundleError, DataError
@@ -34,7 +35,6 @@ from dicom_covid.lungs import (
     top_heat_share,
     train_segmenter,
 )
-from dicom_covid.lungs.heat_study import _stratified
 from dicom_covid.reader import read_image
 from dicom_covid.training.data import read_manifest
 
@@ -219,7 +219,7 @@ def test_package_exports_every_public_name() -> None:
 
 
 def test_runtime_import_leaves_training_and_figures_out() -> None:
-    """Inference loads the segmenter; training, figures and the heat-share study stay unloaded."""
+    """Inference loads the segmenter; training, installation and figures stay unloaded."""
     import subprocess
     import sys
 
@@ -231,7 +231,7 @@ def test_runtime_import_leaves_training_and_figures_out() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = out.stdout.split()
     assert "dicom_covid.lungs.segmenter" in loaded
-    for heavy in ("training", "install", "figures", "heat_study"):
+    for heavy in ("training", "install", "figures"):
         assert f"dicom_covid.lungs.{heavy}" not in loaded
 
 

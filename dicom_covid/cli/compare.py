@@ -49,10 +49,10 @@ def compare(
     """
     setup_logging(verbose)
     with fail_on_error():
+        from ..analysis.compare import comparison_rows, load_metrics, plot_comparison
+        from ..analysis.compare import write_markdown as write_comparison
         from ..bundle import Bundle
         from ..inference import DISCLAIMER
-        from ..training.compare import comparison_rows, load_metrics, plot_comparison
-        from ..training.compare import write_markdown as write_comparison
 
         rows = comparison_rows(
             load_metrics(results),

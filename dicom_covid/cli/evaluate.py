@@ -87,13 +87,13 @@ def evaluate(
     statistics. RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE.
     """
     setup_logging(verbose)
+    from ..analysis.evaluate import evaluate_model, to_json_ready
+    from ..analysis.report import write_report
+    from ..analysis.shortcut import fit_shortcut
     from ..config import default_data_dir
     from ..errors import DicomCovidError
     from ..inference import DISCLAIMER, Predictor
     from ..training.data import read_manifest
-    from ..training.evaluate import evaluate_model, to_json_ready
-    from ..training.report import write_report
-    from ..training.shortcut import fit_shortcut
 
     data_dir = data if data is not None else default_data_dir()
     with fail_on_error():

@@ -248,10 +248,10 @@ def heat_share(
     RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE.
     """
     setup_logging(verbose, quiet=not verbose)
+    from ..analysis.heat_study import heat_share_study, write_heat_share_report
     from ..config import default_data_dir
     from ..explain import CAM_METHODS
     from ..inference import DISCLAIMER
-    from ..lungs.heat_study import heat_share_study, write_heat_share_report
 
     if method.lower() not in CAM_METHODS:
         raise typer.BadParameter(

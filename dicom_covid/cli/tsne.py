@@ -56,10 +56,10 @@ def tsne(
     RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE.
     """
     setup_logging(verbose)
+    from ..analysis.tsne import run_tsne
     from ..config import default_data_dir
     from ..inference import DISCLAIMER, Predictor
     from ..training.data import read_manifest, subsample
-    from ..training.tsne import run_tsne
 
     data_dir = data if data is not None else default_data_dir()
     with fail_on_error():

@@ -17,13 +17,14 @@ probably using a shortcut. One module per concern:
   set, used to train the segmenter and to measure it (:func:`evaluate_segmenter`, Dice).
 * :mod:`~dicom_covid.lungs.training`: :func:`train_segmenter`;
   :mod:`~dicom_covid.lungs.install`: :func:`install_segmenter` (into a bundle).
-* :mod:`~dicom_covid.lungs.figures`: :func:`contour_figure`;
-  :mod:`~dicom_covid.lungs.heat_study`: :func:`heat_share_study` and
-  :func:`write_heat_share_report` (the per-model report of ``dicom-covid lungs heat-share``).
+* :mod:`~dicom_covid.lungs.figures`: :func:`contour_figure`.
+
+The heat-share study over a labelled split (``dicom-covid lungs heat-share``) is analysis, not
+segmentation: it lives in :mod:`dicom_covid.analysis.heat_study` and uses this package.
 
 Importing this package loads only the run-time part (segmenter, metrics, reference masks);
-training, installation, figures and the heat-share study are imported on first use of one of
-their names, so inference never loads them (nor matplotlib).
+training, installation and figures are imported on first use of one of their names, so
+inference never loads them (nor matplotlib).
 
 Heat share definition: ``sum(heat * mask) / sum(heat)`` over the source-resolution Grad-CAM map
 (values in ``[0, 1]``). A heat map spread evenly over the image gives the lung area fraction;
@@ -48,13 +49,11 @@ from .segmenter import DEFAULT_ARCHITECTURE, LungSegmenter, build_unet, postproc
 
 if TYPE_CHECKING:
     from .figures import contour_figure
-    from .heat_study import HEAT_SHARE_DEFINITION, heat_share_study, write_heat_share_report
     from .install import install_segmenter
     from .training import train_segmenter
 
 __all__ = [
     "DEFAULT_ARCHITECTURE",
-    "HEAT_SHARE_DEFINITION",
     "MASKS_INSTALL_HINT",
     "LungCase",
     "LungSegmenter",
@@ -65,23 +64,17 @@ __all__ = [
     "evaluate_segmenter",
     "find_mask_archive",
     "heat_share",
-    "heat_share_study",
     "install_segmenter",
     "postprocess",
     "reference_cases",
     "top_heat_share",
     "train_segmenter",
-    "write_heat_share_report",
 ]
 
 #: Names loaded on first use, with their module (keeps torch training code and matplotlib out
 #: of inference).
 _LAZY = {
     "contour_figure": "figures",
-    "HEAT_SHARE_DEFINITION": "heat_study",
-    "_stratified": "heat_study",  # private; kept for code written against the old module
-    "heat_share_study": "heat_study",
-    "write_heat_share_report": "heat_study",
     "install_segmenter": "install",
     "train_segmenter": "training",
 }

@@ -18,8 +18,8 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import DataError, InputRejected
-from .metrics import heat_share, top_heat_share
-from .segmenter import LungSegmenter
+from ..lungs.metrics import heat_share, top_heat_share
+from ..lungs.segmenter import LungSegmenter
 
 if TYPE_CHECKING:
     from ..reader import XrayImage

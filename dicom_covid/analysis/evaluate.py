@@ -1,8 +1,9 @@
 """Evaluation of a bundle model on a labelled manifest, beside the shortcut control.
 
-:func:`compute_metrics` is pure numpy (plus the AUC helpers of :mod:`.metrics`): three-class
-accuracy, per-class sensitivity/specificity/PPV/AUC, macro one-vs-rest AUC, COVID-vs-rest AUC,
-infected-vs-normal accuracy (COVID and pneumonia together against normal, from the argmax label,
+:func:`compute_metrics` is pure numpy (plus the AUC helpers of
+:mod:`~dicom_covid.training.metrics`): three-class accuracy, per-class
+sensitivity/specificity/PPV/AUC, macro one-vs-rest AUC, COVID-vs-rest AUC, infected-vs-normal
+accuracy (COVID and pneumonia together against normal, from the argmax label,
 the framing of the ICECCO 2021 paper), top-label expected calibration error (15 bins), 95 %
 bootstrap intervals for the headline metrics and a per-source breakdown.
 
@@ -28,8 +29,8 @@ from ..errors import DataError, InputRejected
 from ..inference import Predictor
 from ..prediction import DISCLAIMER
 from ..reader import XrayImage, read_image
-from .data import LABELS, ManifestRow
-from .metrics import binary_auc, expected_calibration_error
+from ..training.data import LABELS, ManifestRow
+from ..training.metrics import binary_auc, expected_calibration_error
 from .shortcut import ShortcutControl, shortcut_features
 
 __all__ = [
@@ -265,7 +266,7 @@ def adult_metrics(
         with ``_ci``, ``covid_vs_rest_auc``, and at the threshold ``covid_sensitivity`` /
         ``covid_vs_pneumonia_specificity`` with Wilson intervals.
     """
-    from .metrics import bootstrap_auc_ci
+    from ..training.metrics import bootstrap_auc_ci
 
     covid, pneu = labels.index("covid"), labels.index("pneumonia")
     out: dict[str, object] = {

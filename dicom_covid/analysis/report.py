@@ -218,7 +218,7 @@ def write_markdown(result: dict, path: str | Path, images: dict[str, str]) -> Pa
     Parameters
     ----------
     result : dict
-        Output of :func:`~dicom_covid.training.evaluate.evaluate_model` (plus optional ``data``
+        Output of :func:`~dicom_covid.analysis.evaluate.evaluate_model` (plus optional ``data``
         and ``split`` keys).
     path : path
         ``report.md`` to write.
@@ -431,7 +431,7 @@ def write_report(result: dict, report_dir: str | Path) -> dict[str, Path]:
     Parameters
     ----------
     result : dict
-        Output of :func:`~dicom_covid.training.evaluate.evaluate_model`.
+        Output of :func:`~dicom_covid.analysis.evaluate.evaluate_model`.
     report_dir : path
         Created when missing.
 

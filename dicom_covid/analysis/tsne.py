@@ -29,7 +29,7 @@ from ..errors import DataError, InputRejected
 from ..inference import DISCLAIMER, Predictor
 from ..models import GapClassifier, embed
 from ..reader import read_image
-from .data import ManifestRow
+from ..training.data import ManifestRow
 
 __all__ = [
     "Embeddings",

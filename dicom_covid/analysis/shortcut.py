@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, InputRejected
 from ..reader import XrayImage, read_image
-from .data import LABELS, ManifestRow, read_manifest
+from ..training.data import LABELS, ManifestRow, read_manifest
 
 __all__ = [
     "FEATURE_NAMES",
