@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from dicom_covid.bundle import Bundle, install_model
 from dicom_covid.cli.main import app
 from dicom_covid.errors import DataError
 from dicom_covid.models import BACKBONES, build_model
-from dicom_covid.training.data import read_manifest, subsample
+from dicom_covid.preprocessing import Preprocessing
+from dicom_covid.training import train as train_module
+from dicom_covid.training.data import LABELS, read_manifest, subsample
+from dicom_covid.training.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -140,6 +146,71 @@ def test_subsample_is_seeded(cxr_data: Path) -> None:
     assert [r.path for r in a] == [r.path for r in b]
     assert len(a) == 15
     assert [r.path for r in subsample(rows, 5, seed=2)] != [r.path for r in a]
+
+
+def _noise_data(folder: Path) -> Path:
+    """Two train images and one val image per class, 40x40 noise, with a manifest."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = ["path,label,split"]
+    for label in LABELS:
+        for i, split in enumerate(("train", "train", "val")):
+            name = f"{label}{i}.png"
+            Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(folder / name)
+            lines.append(f"{name},{label},{split}")
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_initial_weights_do_not_depend_on_the_image_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same seed, same initial network, whether the prepared-image cache is cold or warm (#10).
+
+    The lung-crop pipeline builds its U-Net (random initial weights) only when an image is
+    missing from the cache; the stand-in below draws from every global generator for each image
+    it prepares, as that did. With a learning rate of 0 the checkpoint holds the initial weights.
+    """
+
+    def rng_hungry(size: int, spec: dict) -> object:
+        real = Preprocessing(size, spec)
+
+        def prepare(pixels: np.ndarray) -> tuple:
+            torch.nn.Conv2d(1, 16, 3)
+            np.random.rand(3)
+            random.random()
+            return real(pixels)
+
+        return prepare
+
+    monkeypatch.setattr(train_module, "Preprocessing", rng_hungry)
+    data, cache = _noise_data(tmp_path / "data"), tmp_path / "cache"
+
+    def initial_weights(run: str) -> dict[str, torch.Tensor]:
+        cfg = TrainConfig(
+            "efficientnet_lite0",
+            data,
+            tmp_path / run,
+            epochs=1,
+            batch_size=2,
+            lr=0.0,
+            image_size=32,
+            imagenet=False,
+            max_steps_per_epoch=1,
+            progress=False,
+            cache_dir=cache,
+            device="cpu",
+        )
+        train_module.train(cfg)
+        return torch.load(tmp_path / run / "last.pt", map_location="cpu", weights_only=False)[
+            "model"
+        ]
+
+    cold = initial_weights("cold")  # every image prepared: the generators are drawn from
+    assert list(cache.glob("prepared-*.pt"))
+    warm = initial_weights("warm")  # every image from the cache: no draws
+    names = [name for name, _ in build_model("efficientnet_lite0").named_parameters()]
+    assert names and all(torch.equal(cold[name], warm[name]) for name in names)
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

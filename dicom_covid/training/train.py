@@ -442,6 +442,25 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_ds = CachedImageDataset(train_rows, size, spec.mean, spec.std, augment, **data_kw)
     val_ds = CachedImageDataset(val_rows, size, spec.mean, spec.std, None, **data_kw)
 
+    # Preparing the images consumes the global random generators or not depending on the cache
+    # (the lung U-Net is built, with random initial weights, only when an image is missing from
+    # it), so re-seed them here: the network's initial weights, the sample order and everything
+    # after depend on cfg.seed alone, whatever the state of cfg.cache_dir.
+    _seed_everything(cfg.seed)
+    model = build_model(
+        cfg.backbone,
+        len(LABELS),
+        imagenet=cfg.imagenet and spec.imagenet_init is not None,
+        init_checkpoint=cfg.init_checkpoint,
+    ).to(device)
+    # channels_last speeds up convolutions on both oneDNN (CPU, ~1.7x here) and cuDNN.
+    model = model.to(memory_format=torch.channels_last)
+    net = (
+        nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
+        if distributed
+        else model
+    )
+
     counts = train_ds.class_counts().astype(np.float64)
     class_weight = torch.tensor(
         counts.sum() / (len(LABELS) * np.maximum(counts, 1)), dtype=torch.float32, device=device
@@ -474,20 +493,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     )
     val_loader = DataLoader(
         val_ds, batch_size=max(cfg.batch_size, 32), shuffle=False, num_workers=cfg.num_workers
-    )
-
-    model = build_model(
-        cfg.backbone,
-        len(LABELS),
-        imagenet=cfg.imagenet and spec.imagenet_init is not None,
-        init_checkpoint=cfg.init_checkpoint,
-    ).to(device)
-    # channels_last speeds up convolutions on both oneDNN (CPU, ~1.7x here) and cuDNN.
-    model = model.to(memory_format=torch.channels_last)
-    net = (
-        nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
-        if distributed
-        else model
     )
 
     steps_per_epoch = len(train_loader)
