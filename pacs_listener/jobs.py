@@ -31,27 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import sqlite3
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from dicom_covid.errors import DicomCovidError
+from typing import Any
 
 from .config import RetryPolicy
-from .spool import ensure_private_dir
-from .states import (
-    DELIVERY_TRANSITIONS,
-    INSTANCE_TRANSITIONS,
-    JOB_TRANSITIONS,
-    DeliveryState,
-    InstanceState,
-    JobState,
-    transition_trigger,
-)
+from .states import DeliveryState, InstanceState, JobState
+from .store import LeaseLost, StoreError, open_backend
 
 __all__ = [
     "INSTANCE_STATES",
@@ -64,6 +52,8 @@ __all__ = [
     "Job",
     "JobState",
     "JobStore",
+    "LeaseLost",
+    "Node",
     "ResultFile",
     "StoreError",
 ]
@@ -92,79 +82,6 @@ STAGES = {
     "end_to_end": "j.delivered_at - (SELECT MIN(i.received_at) FROM instances i "
     "WHERE i.job_id = j.id)",
 }
-
-#: Bytes the write-ahead log is truncated to after a checkpoint (``journal_size_limit``).
-_WAL_LIMIT = 2**20
-#: Version 4 installs the state machines (:mod:`pacs_listener.states`) as triggers.
-_SCHEMA_VERSION = "4"
-#: Columns added after schema version 1: (table, column, definition).
-_MIGRATIONS = (
-    ("jobs", "not_before", "REAL"),
-    ("jobs", "disk_waits", "INTEGER NOT NULL DEFAULT 0"),
-    ("instances", "reserve_bytes", "INTEGER NOT NULL DEFAULT 0"),
-    ("results", "outcome", "TEXT"),  # version 3: the prediction's outcome, for the metrics
-)
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_instance_uid TEXT NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    claimed_by TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    delivered_at REAL,
-    not_before REAL,
-    disk_waits INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, id);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    study_instance_uid TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL DEFAULT '',
-    sop_class_uid TEXT NOT NULL DEFAULT '',
-    calling_ae TEXT NOT NULL DEFAULT '',
-    path TEXT,
-    state TEXT NOT NULL,
-    reason TEXT,
-    job_id INTEGER REFERENCES jobs (id),
-    duplicates INTEGER NOT NULL DEFAULT 0,
-    reserve_bytes INTEGER NOT NULL DEFAULT 0,
-    received_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS instances_state ON instances (state, job_id);
-CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid);
-CREATE INDEX IF NOT EXISTS instances_job ON instances (job_id);
-CREATE TABLE IF NOT EXISTS results (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id INTEGER NOT NULL REFERENCES jobs (id),
-    source_sop_instance_uid TEXT NOT NULL REFERENCES instances (sop_instance_uid),
-    kind TEXT NOT NULL,
-    sop_instance_uid TEXT NOT NULL UNIQUE,
-    study_instance_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    outcome TEXT,
-    UNIQUE (source_sop_instance_uid, kind)
-);
-CREATE INDEX IF NOT EXISTS results_job ON results (job_id);
-CREATE TABLE IF NOT EXISTS deliveries (
-    result_id INTEGER NOT NULL REFERENCES results (id),
-    target TEXT NOT NULL,
-    state TEXT NOT NULL,
-    tries INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_error TEXT,
-    delivered_at REAL,
-    PRIMARY KEY (result_id, target)
-);
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
-"""
 
 
 @dataclass(frozen=True)
@@ -240,123 +157,116 @@ class Delivery:
     path: Path
 
 
-class StoreError(DicomCovidError):
-    """The job store cannot be used (written by a newer dicom-covid, ...)."""
+@dataclass(frozen=True)
+class Node:
+    """One ``serve`` process using the store, as its last heartbeat recorded it.
+
+    Attributes
+    ----------
+    node_id : str
+        The node's name (``[node] id``; its workers claim jobs as ``<node_id>/worker-<pid>``).
+    host : str
+        Host name of the machine.
+    pid : int
+        Process id of the service.
+    roles : str
+        Comma-separated roles it runs (``listener``, ``worker``, ``sender``).
+    version : str
+        dicom-covid version.
+    started_at, heartbeat_at : float
+        Start and last heartbeat (seconds since the epoch).
+    leases : int
+        Jobs its workers hold now.
+    """
+
+    node_id: str
+    host: str
+    pid: int
+    roles: str
+    version: str
+    started_at: float
+    heartbeat_at: float
+    leases: int = 0
 
 
 class JobStore:
-    """The SQLite job store.
+    """The job store: every query and state change of the pipeline, on either backend.
 
     Parameters
     ----------
-    path : pathlib.Path
-        Database file (created with mode 0600, its folder with 0700, when missing).
+    location : pathlib.Path or str
+        The SQLite file (created with mode 0600, its folder with 0700, when missing), or a
+        ``postgresql://`` URL of a database shared by several nodes (see
+        :mod:`pacs_listener.store`).
     create : bool
-        Create the file and schema when missing (default True); False raises
+        Create the schema when missing and migrate an older one (default True); False raises
         ``FileNotFoundError`` for a missing store (used by ``status``/``retry``).
+    root : pathlib.Path, optional
+        Folder the spool and result paths are stored relative to. Default: the SQLite file's
+        folder (the state folder); a PostgreSQL store needs it (the storage root every node
+        mounts, so each node may mount it elsewhere).
+    lease : float
+        Seconds a claim on a job holds without being renewed (:meth:`renew_leases`); after
+        that any worker may take the job over (default 60).
 
     Raises
     ------
     StoreError
         When the store was written by a newer version of dicom-covid (a higher schema
-        version): it is never opened, so an older program cannot corrupt it.
+        version: it is never opened, so an older program cannot corrupt it), or a
+        PostgreSQL store cannot be reached.
     """
 
-    def __init__(self, path: Path, create: bool = True) -> None:
-        self.path = Path(path)
-        self.root = self.path.parent
-        if not self.path.exists():
-            if not create:
-                raise FileNotFoundError(self.path)
-            ensure_private_dir(self.root)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
-            os.close(fd)
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
-        self._check_version()
-        if create:
-            con = self._con()
-            con.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS)
-            for table, transitions in (
-                ("instances", INSTANCE_TRANSITIONS),
-                ("jobs", JOB_TRANSITIONS),
-                ("deliveries", DELIVERY_TRANSITIONS),
-            ):
-                con.execute(transition_trigger(table, transitions))
-            for table, column, definition in _MIGRATIONS:  # a version-1 store gains them
-                have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
-                if column not in have:
-                    con.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-            self._set_meta("schema_version", _SCHEMA_VERSION)
+    def __init__(
+        self,
+        location: Path | str,
+        create: bool = True,
+        root: Path | None = None,
+        lease: float = 60.0,
+    ) -> None:
+        self.backend = open_backend(location, create=create)
+        if root is None:
+            if self.backend.root is None:
+                self.backend.close()
+                raise ValueError("a PostgreSQL job store needs the storage root (root=...)")
+            root = self.backend.root
+        self.root = Path(root)
+        self.location = location
+        self.lease = float(lease)
 
-    def _check_version(self) -> None:
-        try:
-            row = (
-                self._con()
-                .execute("SELECT value FROM meta WHERE key = 'schema_version'")
-                .fetchone()
-            )
-        except sqlite3.OperationalError:  # a new or version-1 store: no meta table yet
-            return
-        if row is not None and int(row[0]) > int(_SCHEMA_VERSION):
-            self.close()
-            raise StoreError(
-                f"the job store {self.path} has schema version {row[0]}, written by a newer "
-                f"dicom-covid (this one reads up to version {_SCHEMA_VERSION}); upgrade "
-                "dicom-covid or use another --state-dir"
-            )
+    @property
+    def path(self) -> Path:
+        """The SQLite database file (a PostgreSQL store has none: ``AttributeError``)."""
+        return self.backend.path
+
+    @property
+    def shared(self) -> bool:
+        """True when several machines may share this store (PostgreSQL)."""
+        return self.backend.shared
+
+    def describe(self) -> str:
+        """Where the store is, for messages (a URL without its password)."""
+        return self.backend.describe()
 
     # -- connections -------------------------------------------------------------------------
 
-    def _con(self) -> sqlite3.Connection:
-        con = getattr(self._local, "con", None)
-        if con is None:
-            con = sqlite3.connect(
-                self.path, timeout=30.0, isolation_level=None, check_same_thread=False
-            )
-            con.row_factory = sqlite3.Row
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA synchronous=FULL")
-            con.execute("PRAGMA foreign_keys=ON")
-            con.execute("PRAGMA busy_timeout=30000")
-            # after each checkpoint the write-ahead log shrinks back to 1 MiB: without this it
-            # keeps the size it grew to (on a full disk, where checkpoints cannot complete, that
-            # is all the space there was), and free space would never come back
-            con.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
-            self._local.con = con
-            with self._lock:
-                self._connections.append(con)
-        return con
+    def _con(self) -> Any:
+        return self.backend.connection()
 
     @contextlib.contextmanager
-    def _tx(self, con: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+    def _tx(self, con: Any = None) -> Iterator[Any]:
         con = con or self._con()
-        if con.in_transaction:  # nested use joins the outer transaction
+        with self.backend.transaction(con):
             yield con
-            return
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            yield con
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("COMMIT")
 
     def release_wal(self) -> None:
-        """Checkpoint and truncate the write-ahead log, giving its disk space back (best effort:
-        a reader holding an old snapshot or a full disk may stop it; nothing is lost then)."""
-        with contextlib.suppress(sqlite3.Error):
-            self._con().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        """Give back disk space the database holds beyond its data (SQLite: checkpoint and
+        truncate the write-ahead log; best effort, nothing is lost when it cannot)."""
+        self.backend.release_space()
 
     def close(self) -> None:
         """Close every connection this object opened."""
-        with self._lock:
-            for con in self._connections:
-                with contextlib.suppress(sqlite3.Error):
-                    con.close()
-            self._connections.clear()
-        self._local = threading.local()
+        self.backend.close()
 
     def __enter__(self) -> JobStore:
         return self
@@ -365,12 +275,16 @@ class JobStore:
         self.close()
 
     def pragma(self, name: str) -> object:
-        """Value of a PRAGMA (used by tests to check WAL and synchronous=FULL)."""
-        return self._con().execute(f"PRAGMA {name}").fetchone()[0]
+        """A database setting (SQLite: a PRAGMA; tests check WAL and synchronous=FULL)."""
+        return self.backend.pragma(name)
 
     def _set_meta(self, key: str, value: str) -> None:
         with self._tx() as con:
-            con.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            con.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
 
     def _rel(self, path: Path | None) -> str | None:
         if path is None:
@@ -434,9 +348,10 @@ class JobStore:
         now = time.time() if now is None else now
         with self._tx() as con:
             cur = con.execute(
-                "INSERT OR IGNORE INTO instances (sop_instance_uid, study_instance_uid, "
+                "INSERT INTO instances (sop_instance_uid, study_instance_uid, "
                 "series_instance_uid, sop_class_uid, calling_ae, path, state, reason, "
-                "reserve_bytes, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "reserve_bytes, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
                 (
                     sop_instance_uid,
                     study_instance_uid,
@@ -475,7 +390,7 @@ class JobStore:
         )
         return self._instance(row) if row else None
 
-    def _instance(self, row: sqlite3.Row) -> Instance:
+    def _instance(self, row: Any) -> Instance:
         return Instance(
             sop_instance_uid=row["sop_instance_uid"],
             study_instance_uid=row["study_instance_uid"],
@@ -515,14 +430,16 @@ class JobStore:
         if not self._con().execute(query + " LIMIT 1", (cutoff,)).fetchone():
             return jobs  # the common case: nothing to do, no write lock taken
         with self._tx() as con:
+            self.backend.lock_grouping(con)  # several listeners: one groups at a time
             studies = [r[0] for r in con.execute(query, (cutoff,))]
             for study in studies:
-                cur = con.execute(
-                    "INSERT INTO jobs (study_instance_uid, state, created_at, updated_at) "
-                    "VALUES (?, 'grouped', ?, ?)",
-                    (study, now, now),
+                job_id = int(
+                    con.execute(
+                        "INSERT INTO jobs (study_instance_uid, state, created_at, updated_at) "
+                        "VALUES (?, 'grouped', ?, ?) RETURNING id",
+                        (study, now, now),
+                    ).fetchone()[0]
                 )
-                job_id = int(cur.lastrowid)
                 n = con.execute(
                     "UPDATE instances SET state = 'grouped', job_id = ?, updated_at = ? "
                     "WHERE study_instance_uid = ? AND state = 'received' AND job_id IS NULL",
@@ -584,10 +501,20 @@ class JobStore:
                 "SELECT j.*, (SELECT COUNT(*) FROM instances i WHERE i.job_id = j.id AND "
                 "i.state IN ('grouped', 'inferred')) AS todo FROM jobs j "
                 "WHERE j.state = 'grouped' OR (j.state = 'waiting_for_disk' "
-                "AND COALESCE(j.not_before, 0) <= ?) ORDER BY j.id LIMIT ?",
-                (now, max(1, max_images) + 16),
+                "AND COALESCE(j.not_before, 0) <= ?) OR (j.state = 'running' "
+                "AND j.lease_until IS NOT NULL AND j.lease_until < ?) ORDER BY j.id LIMIT ?"
+                + self.backend.lock_rows,
+                (now, now, max(1, max_images) + 16),
             ).fetchall()
             for row in rows:
+                if row["state"] == JobState.RUNNING:
+                    logger.warning(
+                        "job %d: the lease of %s expired %.0f s ago (it stopped renewing it: "
+                        "the process or its node died); the job is taken over",
+                        row["id"],
+                        row["claimed_by"],
+                        now - row["lease_until"],
+                    )
                 if row["attempts"] >= max_attempts:
                     reason = (
                         f"worker_crashed: the worker stopped while processing this job "
@@ -600,8 +527,8 @@ class JobStore:
                     break
                 con.execute(
                     "UPDATE jobs SET state = 'running', attempts = attempts + 1, claimed_by = ?, "
-                    "started_at = ?, updated_at = ? WHERE id = ?",
-                    (worker, now, now, row["id"]),
+                    "started_at = ?, updated_at = ?, lease_until = ? WHERE id = ?",
+                    (worker, now, now, now + self.lease, row["id"]),
                 )
                 claimed.append(
                     Job(
@@ -616,6 +543,35 @@ class JobStore:
                 if images >= max_images:
                     break
         return claimed
+
+    def renew_leases(self, worker: str, now: float | None = None) -> int:
+        """Extend the lease of every job ``worker`` holds by :attr:`lease` seconds.
+
+        A worker calls this well within the lease (every third of it) while it works, so its
+        jobs are taken over only when it stops (dies, freezes or loses the database).
+
+        Returns
+        -------
+        int
+            Jobs whose lease was renewed.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            return con.execute(
+                "UPDATE jobs SET lease_until = ? WHERE state = 'running' AND claimed_by = ?",
+                (now + self.lease, worker),
+            ).rowcount
+
+    def _check_owner(self, con: Any, job_id: int, worker: str | None, now: float) -> None:
+        """Raise :class:`LeaseLost` unless ``worker`` still holds ``job_id`` (locks its row)."""
+        if worker is None:
+            return
+        n = con.execute(
+            "UPDATE jobs SET lease_until = ? WHERE id = ? AND state = 'running' AND claimed_by = ?",
+            (now + self.lease, job_id, worker),
+        ).rowcount
+        if not n:
+            raise LeaseLost(f"job {job_id}: {worker} no longer holds it (its lease expired)")
 
     def wait_for_disk(
         self,
@@ -639,7 +595,8 @@ class JobStore:
             delay = min(max_delay, base_delay * 2.0**waits)
             con.execute(
                 "UPDATE jobs SET state = 'waiting_for_disk', reason = ?, not_before = ?, "
-                "disk_waits = disk_waits + 1, attempts = MAX(attempts - 1, 0), claimed_by = NULL, "
+                "disk_waits = disk_waits + 1, attempts = CASE WHEN attempts > 0 THEN attempts - 1 "
+                "ELSE 0 END, claimed_by = NULL, lease_until = NULL, "
                 "updated_at = ? WHERE id = ?",
                 (reason[:500], now + delay, now, job_id),
             )
@@ -650,10 +607,10 @@ class JobStore:
             )
         return delay
 
-    def _fail_job(self, con: sqlite3.Connection, job_id: int, reason: str, now: float) -> None:
+    def _fail_job(self, con: Any, job_id: int, reason: str, now: float) -> None:
         con.execute(
-            "UPDATE jobs SET state = 'failed', reason = ?, finished_at = ?, updated_at = ? "
-            "WHERE id = ?",
+            "UPDATE jobs SET state = 'failed', reason = ?, finished_at = ?, updated_at = ?, "
+            "lease_until = NULL WHERE id = ?",
             (reason, now, now, job_id),
         )
         con.execute(
@@ -718,25 +675,31 @@ class JobStore:
         targets: Sequence[str],
         now: float | None = None,
         outcome: str | None = None,
+        worker: str | None = None,
     ) -> None:
         """Commit the result files of one source image and queue their deliveries.
 
         In one transaction: a results row per file, a pending delivery per (result, target), and
         the source instance moves to ``results_written``. ``outcome`` is the prediction's
         outcome (``suspected``, ``not_suspected`` or ``indeterminate``; counted by the metrics).
+        With ``worker``, the job must still be claimed by that worker (its lease is renewed).
 
         Raises
         ------
-        sqlite3.IntegrityError
-            When this source image already has results of the same kind.
+        LeaseLost
+            When ``worker`` is given and no longer holds the job (nothing is recorded).
+        sqlite3.IntegrityError or psycopg.IntegrityError
+            When this source image already has results of the same kind (both are in
+            :data:`pacs_listener.store.INTEGRITY_ERRORS`).
         """
         now = time.time() if now is None else now
         with self._tx() as con:
+            self._check_owner(con, job_id, worker, now)
             for r in results:
-                cur = con.execute(
+                result_id = con.execute(
                     "INSERT INTO results (job_id, source_sop_instance_uid, kind, "
                     "sop_instance_uid, study_instance_uid, path, created_at, outcome) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                     (
                         job_id,
                         source_sop_instance_uid,
@@ -747,12 +710,12 @@ class JobStore:
                         now,
                         outcome,
                     ),
-                )
+                ).fetchone()[0]
                 for target in targets:
                     con.execute(
                         "INSERT INTO deliveries (result_id, target, state, next_attempt_at) "
                         "VALUES (?, ?, 'pending', ?)",
-                        (cur.lastrowid, target, now),
+                        (result_id, target, now),
                     )
             con.execute(
                 "UPDATE instances SET state = 'results_written', reason = NULL, updated_at = ? "
@@ -773,14 +736,20 @@ class JobStore:
             for r in rows
         ]
 
-    def finish_job(self, job_id: int, now: float | None = None) -> str:
+    def finish_job(self, job_id: int, now: float | None = None, worker: str | None = None) -> str:
         """Close a job after the worker went through all its images; return the new state.
 
         A job with at least one result goes to ``results_written`` (or straight on, see
         :meth:`refresh_job`); a job without any is ``failed`` with the images' reasons.
+
+        Raises
+        ------
+        LeaseLost
+            When ``worker`` is given and no longer holds the job (it is left to its new owner).
         """
         now = time.time() if now is None else now
         with self._tx() as con:
+            self._check_owner(con, job_id, worker, now)
             n_results = con.execute(
                 "SELECT COUNT(*) FROM results WHERE job_id = ?", (job_id,)
             ).fetchone()[0]
@@ -802,12 +771,17 @@ class JobStore:
                 return "failed"
             con.execute(
                 "UPDATE jobs SET state = 'results_written', finished_at = ?, updated_at = ?, "
-                "reason = NULL, not_before = NULL WHERE id = ?",
+                "reason = NULL, not_before = NULL, lease_until = NULL WHERE id = ?",
                 (now, now, job_id),
             )
             return self._refresh_job(con, job_id, now)
 
-    def release_running(self, count_attempt: bool = True, claimed_by: str | None = None) -> int:
+    def release_running(
+        self,
+        count_attempt: bool = True,
+        claimed_by: str | None = None,
+        node: str | None = None,
+    ) -> int:
         """Put jobs left ``running`` (worker stopped or crashed) back to ``grouped``.
 
         Parameters
@@ -819,54 +793,81 @@ class JobStore:
             restart), which says nothing about the job, so repeated restarts never fail it.
         claimed_by : str, optional
             Release only the jobs this worker claimed (one of several workers died; the others'
-            jobs stay theirs). Default: every running job.
+            jobs stay theirs).
+        node : str, optional
+            Release only the jobs claimed by the workers of this node (``claimed_by`` starts
+            with ``<node>/``): a node restarting on a shared store frees its own claims at once
+            and leaves the other nodes' alone. Default (neither): every running job.
 
         Returns
         -------
         int
             Number of jobs released.
         """
-        where, args = "state = 'running'", [time.time(), int(count_attempt)]
+        where, args = "state = 'running'", [time.time()]
         if claimed_by is not None:
             where += " AND claimed_by = ?"
             args.append(claimed_by)
+        if node is not None:
+            where += " AND substr(claimed_by, 1, ?) = ?"
+            args += [len(node) + 1, node + "/"]
+        attempts = (
+            "attempts" if count_attempt else "CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END"
+        )
         with self._tx() as con:
-            n = con.execute(
-                "UPDATE jobs SET state = 'grouped', claimed_by = NULL, updated_at = ?, "
-                "attempts = CASE WHEN ? THEN attempts ELSE MAX(attempts - 1, 0) END "
-                f"WHERE {where}",
-                args,
-            ).rowcount
-            con.execute(
-                "UPDATE instances SET state = 'grouped' WHERE state = 'inferred' "
-                "AND job_id IN (SELECT id FROM jobs WHERE state = 'grouped')"
-            )
-        if n:
-            logger.info("%d unfinished job(s) will resume", n)
-        return n
+            released = [
+                r[0]
+                for r in con.execute(
+                    "UPDATE jobs SET state = 'grouped', claimed_by = NULL, lease_until = NULL, "
+                    f"updated_at = ?, attempts = {attempts} WHERE {where} RETURNING id",
+                    args,
+                ).fetchall()
+            ]
+            for job_id in released:
+                con.execute(
+                    "UPDATE instances SET state = 'grouped' WHERE state = 'inferred' "
+                    "AND job_id = ?",
+                    (job_id,),
+                )
+        if released:
+            logger.info("%d unfinished job(s) will resume", len(released))
+        return len(released)
 
     # -- delivery ----------------------------------------------------------------------------
 
     def due_deliveries(
         self, targets: Sequence[str], now: float | None = None, limit: int = 100
     ) -> list[Delivery]:
-        """Pending deliveries to the given targets whose next try is due."""
+        """Pending deliveries to the given targets whose next try is due.
+
+        On a shared store the deliveries returned are also claimed: their next try moves
+        :attr:`lease` seconds ahead, so another node's sender does not send them at the same
+        time (and does, after the lease, if this one dies before it records the outcome).
+        """
         if not targets:
             return []
         now = time.time() if now is None else now
-        rows = (
-            self._con()
-            .execute(
-                "SELECT d.result_id, d.target, d.tries, r.job_id, r.kind, r.sop_instance_uid, "
-                "r.study_instance_uid, r.path "
-                "FROM deliveries d JOIN results r ON r.id = d.result_id "
-                "WHERE d.state = 'pending' AND d.next_attempt_at <= ? "
-                f"AND d.target IN ({','.join('?' * len(targets))}) "
-                "ORDER BY d.next_attempt_at, d.result_id LIMIT ?",
-                [now, *targets, limit],
-            )
-            .fetchall()
+        sql = (
+            "SELECT d.result_id, d.target, d.tries, r.job_id, r.kind, r.sop_instance_uid, "
+            "r.study_instance_uid, r.path "
+            "FROM deliveries d JOIN results r ON r.id = d.result_id "
+            "WHERE d.state = 'pending' AND d.next_attempt_at <= ? "
+            f"AND d.target IN ({','.join('?' * len(targets))}) "
+            "ORDER BY d.next_attempt_at, d.result_id LIMIT ?"
         )
+        if not self.shared:
+            rows = self._con().execute(sql, [now, *targets, limit]).fetchall()
+        else:
+            with self._tx() as con:
+                rows = con.execute(
+                    sql + " FOR UPDATE OF d SKIP LOCKED", [now, *targets, limit]
+                ).fetchall()
+                for r in rows:
+                    con.execute(
+                        "UPDATE deliveries SET next_attempt_at = ? "
+                        "WHERE result_id = ? AND target = ?",
+                        (now + self.lease, r["result_id"], r["target"]),
+                    )
         return [
             Delivery(
                 r["result_id"],
@@ -945,7 +946,7 @@ class JobStore:
                 (error[:500], now + delay, result_id, target),
             )
 
-    def _refresh_job(self, con: sqlite3.Connection, job_id: int, now: float) -> str:
+    def _refresh_job(self, con: Any, job_id: int, now: float) -> str:
         """Derive a finished job's state from its deliveries."""
         job = con.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if job is None or job["state"] in ("grouped", "running", "waiting_for_disk", "failed"):
@@ -1083,10 +1084,14 @@ class JobStore:
             ("pending", "delivered", "dead"),
         )
         per_target = {
-            r[0]: {"pending": r[1], "dead": r[2], "delivered": r[3]}
+            r[0]: {"pending": int(r[1]), "dead": int(r[2]), "delivered": int(r[3])}
             for r in con.execute(
-                "SELECT target, SUM(state = 'pending'), SUM(state = 'dead'), "
-                "SUM(state = 'delivered') FROM deliveries GROUP BY target ORDER BY target"
+                "SELECT target, "
+                + ", ".join(
+                    f"SUM(CASE WHEN state = '{s}' THEN 1 ELSE 0 END)"
+                    for s in ("pending", "dead", "delivered")
+                )
+                + " FROM deliveries GROUP BY target ORDER BY target"
             )
         }
         oldest = con.execute(
@@ -1147,8 +1152,7 @@ class JobStore:
         now = time.time() if now is None else now
         bounds = [float(b) for b in buckets]
         con = self._con()
-        con.execute("BEGIN")  # one snapshot for every query (WAL: never blocks the writers)
-        try:
+        with self.backend.snapshot(con):  # one consistent state for every query
             instances = {s: 0 for s in INSTANCE_STATES}
             instances.update(con.execute("SELECT state, COUNT(*) FROM instances GROUP BY state"))
             jobs = {s: 0 for s in JOB_STATES}
@@ -1190,8 +1194,11 @@ class JobStore:
             for stage, expr in STAGES.items():
                 row = con.execute(
                     "SELECT COUNT(x), COALESCE(SUM(x), 0)"
-                    + "".join(", COALESCE(SUM(x <= ?), 0)" for _ in bounds)
-                    + f" FROM (SELECT MAX({expr}, 0) AS x FROM jobs j) WHERE x IS NOT NULL",
+                    + "".join(
+                        ", COALESCE(SUM(CASE WHEN x <= ? THEN 1 ELSE 0 END), 0)" for _ in bounds
+                    )
+                    + f" FROM (SELECT CASE WHEN {expr} < 0 THEN 0 ELSE {expr} END AS x "
+                    "FROM jobs j) s WHERE x IS NOT NULL",
                     bounds,
                 ).fetchone()
                 stages[stage] = {
@@ -1199,8 +1206,6 @@ class JobStore:
                     "sum": float(row[1]),
                     "buckets": [int(v) for v in row[2:]],
                 }
-        finally:
-            con.execute("COMMIT")
         return {
             "instances": {k: int(v) for k, v in instances.items()},
             "skipped_reasons": {str(k): int(v) for k, v in skipped.items()},
@@ -1214,12 +1219,60 @@ class JobStore:
             "stages": stages,
         }
 
+    # -- nodes -------------------------------------------------------------------------------
+
+    def heartbeat(
+        self,
+        node_id: str,
+        *,
+        host: str,
+        pid: int,
+        roles: str,
+        version: str,
+        started_at: float,
+        now: float | None = None,
+    ) -> None:
+        """Record that a node is alive (``status`` shows it; a service beats every few
+        seconds)."""
+        now = time.time() if now is None else now
+        with self._tx() as con:
+            con.execute(
+                "INSERT INTO nodes (node_id, host, pid, roles, version, started_at, heartbeat_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
+                "host = excluded.host, pid = excluded.pid, roles = excluded.roles, "
+                "version = excluded.version, started_at = excluded.started_at, "
+                "heartbeat_at = excluded.heartbeat_at",
+                (node_id, host, int(pid), roles, version, started_at, now),
+            )
+
+    def nodes(self) -> list[Node]:
+        """Every node that ever used the store, most recent heartbeat first, with the jobs
+        its workers hold now."""
+        rows = self._con().execute(
+            "SELECT n.*, (SELECT COUNT(*) FROM jobs j WHERE j.state = 'running' AND "
+            "substr(j.claimed_by, 1, length(n.node_id) + 1) = n.node_id || '/') AS leases "
+            "FROM nodes n ORDER BY n.heartbeat_at DESC, n.node_id"
+        )
+        return [
+            Node(
+                r["node_id"],
+                r["host"],
+                int(r["pid"]),
+                r["roles"],
+                r["version"],
+                float(r["started_at"]),
+                float(r["heartbeat_at"]),
+                int(r["leases"]),
+            )
+            for r in rows
+        ]
+
     def check_writable(self) -> None:
         """Commit a small write (the time of this check in ``meta``), as ``/readyz`` does.
 
         Raises
         ------
-        sqlite3.Error
+        sqlite3.Error or psycopg.Error
             When the store cannot be written (disk full, read-only, locked for 30 s).
         """
         self._set_meta("writable_checked_at", repr(time.time()))

@@ -44,3 +44,19 @@ def restore_env():
     yield os.environ
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throw-away PostgreSQL cluster on loopback for the whole session (see
+    ``tests/postgres.py``); skips when PostgreSQL is absent, fails under ``CI=true``."""
+    from postgres import running_postgres
+
+    with running_postgres() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_url(postgres) -> str:
+    """URL of a new, empty database in the session's PostgreSQL cluster."""
+    return postgres.new_database()

@@ -18,18 +18,29 @@ from pacs_listener.config import (
     ServiceConfig,
     load_toml,
 )
-from pacs_listener.jobs import JobStore, ResultFile
+from pacs_listener.jobs import JobStore, LeaseLost, ResultFile
 from pacs_listener.spool import Spool, atomic_write, safe_name
+from pacs_listener.store import INTEGRITY_ERRORS
 from pacs_listener.triage import triage
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    s = JobStore(tmp_path / "state" / "jobs.sqlite")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path: Path):
+    """A new job store on each backend: SQLite in the state folder, and a new database in
+    a real PostgreSQL cluster (``tests/postgres.py``) with a storage root beside it."""
+    if request.param == "sqlite":
+        s = JobStore(tmp_path / "state" / "jobs.sqlite")
+    else:
+        s = JobStore(request.getfixturevalue("postgres_url"), root=tmp_path / "storage")
     yield s
     s.close()
+
+
+def _reopen(store: JobStore, **kw) -> JobStore:
+    """Another handle on the same store (another process would open it so)."""
+    return JobStore(store.location, root=store.root, **kw)
 
 
 def _mode(p: Path) -> int:
@@ -51,7 +62,8 @@ def _results(job_id: int, sop: str, tmp: Path) -> list[ResultFile]:
     ]
 
 
-def test_store_is_private_wal_and_fully_synchronous(store: JobStore, tmp_path: Path) -> None:
+def test_store_is_private_wal_and_fully_synchronous(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "state" / "jobs.sqlite")
     assert _mode(tmp_path / "state") == 0o700
     assert _mode(store.path) == 0o600
     assert store.pragma("journal_mode") == "wal"
@@ -93,7 +105,7 @@ def test_job_runs_to_delivered_and_deliveries_are_exactly_once(
     assert claimed.id == job.id and claimed.state == "running"
     assert store.claim_job("w2") is None
     store.record_results(job.id, uids[0], _results(job.id, uids[0], tmp_path), ["A", "B"])
-    with pytest.raises(sqlite3.IntegrityError):  # one SR + one SC per image, ever
+    with pytest.raises(INTEGRITY_ERRORS):  # one SR + one SC per image, ever
         store.record_results(job.id, uids[0], _results(job.id, uids[0], tmp_path), ["A"])
     store.set_instance_state(uids[1], "failed", "decode_failed: truncated")
     assert store.finish_job(job.id) == "results_written"
@@ -371,8 +383,8 @@ def test_dead_worker_releases_only_its_own_jobs(store: JobStore, tmp_path: Path)
     assert again.id == a.id and again.attempts == 2  # the crash counts towards max_attempts
 
 
-def _claim_all(path: str, name: str, out) -> None:
-    s = JobStore(Path(path), create=False)
+def _claim_all(location: str, root: str, name: str, out) -> None:
+    s = JobStore(location, create=False, root=Path(root))
     got = []
     while True:
         jobs = s.claim_jobs(name, 3)
@@ -391,7 +403,10 @@ def test_claims_are_exclusive_across_processes(store: JobStore, tmp_path: Path) 
     assert len(store.group_stable_studies(1.0, now=10.0)) == 60
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_claim_all, args=(str(store.path), f"w{i}", out)) for i in range(4)]
+    procs = [
+        ctx.Process(target=_claim_all, args=(str(store.location), str(store.root), f"w{i}", out))
+        for i in range(4)
+    ]
     for p in procs:
         p.start()
     claimed = [out.get(timeout=50) for _ in procs]
@@ -414,13 +429,13 @@ def test_the_store_refuses_state_changes_its_machine_does_not_allow(
     store.claim_job("w")
     store.record_results(job.id, uids[0], _results(job.id, uids[0], tmp_path), [])
     assert store.finish_job(job.id) == "delivered"  # no targets: delivered at once
-    con = sqlite3.connect(store.path)
+    con = _reopen(store)._con()  # raw SQL on a connection of its own (autocommit)
     for sql in (
         "UPDATE jobs SET state = 'running'",
         "UPDATE instances SET state = 'grouped' WHERE sop_instance_uid = '1.2.3.skip'",
         "UPDATE instances SET state = 'received' WHERE sop_instance_uid = '1.2.3.5.0.0'",
     ):
-        with pytest.raises(sqlite3.IntegrityError, match="state machine"):
+        with pytest.raises(INTEGRITY_ERRORS, match="state machine"):
             con.execute(sql)
     con.execute("UPDATE jobs SET state = 'delivered'")  # the same state is always allowed
     con.close()
@@ -441,3 +456,68 @@ def test_a_store_from_a_newer_version_is_not_opened(tmp_path: Path) -> None:
     for create in (True, False):
         with pytest.raises(StoreError, match="schema version 99, written by a newer"):
             JobStore(path, create=create)
+
+
+def test_an_expired_lease_is_taken_over_and_the_old_owner_records_nothing(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """A worker that stops renewing its lease (its node died, it froze) loses the job after
+    the lease; should it wake up, its results are refused, so the job is done once."""
+    uids = _received(store, "8", 1, now=0.0, tmp=tmp_path)
+    (job,) = store.group_stable_studies(1.0, now=10.0)
+    store.lease = 30.0
+    (a,) = store.claim_jobs("node-a/worker-1", 4, now=100.0)
+    assert store.claim_jobs("node-b/worker-1", 4, now=120.0) == []  # lease still held
+    assert store.renew_leases("node-a/worker-1", now=125.0) == 1  # renewed to 155
+    assert store.claim_jobs("node-b/worker-1", 4, now=150.0) == []
+    (b,) = store.claim_jobs("node-b/worker-1", 4, now=156.0)  # expired: taken over
+    assert b.id == a.id and b.attempts == 2 and b.images == 1
+    with pytest.raises(LeaseLost):
+        store.record_results(
+            job.id, uids[0], _results(job.id, uids[0], tmp_path), [], worker="node-a/worker-1"
+        )
+    with pytest.raises(LeaseLost):
+        store.finish_job(job.id, worker="node-a/worker-1")
+    assert store.results(job.id) == []
+    store.record_results(
+        job.id, uids[0], _results(job.id, uids[0], tmp_path), [], worker="node-b/worker-1"
+    )
+    assert store.finish_job(job.id, worker="node-b/worker-1") == "delivered"
+    assert len(store.results(job.id)) == 2
+
+
+def test_a_restarting_node_releases_only_its_own_claims(store: JobStore, tmp_path: Path) -> None:
+    for study in ("1", "2", "3"):
+        _received(store, study, 1, now=0.0, tmp=tmp_path)
+    store.group_stable_studies(1.0, now=10.0)
+    store.claim_jobs("node-a/worker-7", 1)
+    store.claim_jobs("node-a.b/worker-8", 1)  # a node whose name starts like the other's
+    store.claim_jobs("node-b/worker-9", 1)
+    for node, pid in (("node-a", 1), ("node-a.b", 2), ("node-b", 3)):
+        store.heartbeat(node, host="h", pid=pid, roles="worker", version="1", started_at=0.0)
+    assert {n.node_id: n.leases for n in store.nodes()} == {"node-a": 1, "node-a.b": 1, "node-b": 1}
+    assert store.release_running(count_attempt=False, node="node-a") == 1
+    running = {j.id for j in store.jobs(["running"])}
+    assert len(running) == 2
+    again = store.claim_job("node-c/worker-1")
+    assert again.attempts == 0 + 1  # a node restart does not count against the job
+    assert {n.node_id: n.leases for n in store.nodes()}["node-a"] == 0
+
+
+def test_due_deliveries_are_claimed_on_a_shared_store(store: JobStore, tmp_path: Path) -> None:
+    """Two senders of a shared store never get the same delivery at once; after the lease
+    the delivery is due again (its sender died before recording the outcome)."""
+    uids = _received(store, "9", 2, now=0.0, tmp=tmp_path)
+    (job,) = store.group_stable_studies(1.0, now=10.0)
+    store.claim_job("w")
+    for uid in uids:
+        store.record_results(job.id, uid, _results(job.id, uid, tmp_path), ["PACS@h:1"], now=20.0)
+    first = store.due_deliveries(["PACS@h:1"], now=30.0)
+    assert len(first) == 4
+    second = store.due_deliveries(["PACS@h:1"], now=31.0)
+    if store.shared:
+        assert second == []
+        later = store.due_deliveries(["PACS@h:1"], now=30.0 + store.lease + 1)
+        assert {d.result_id for d in later} == {d.result_id for d in first}
+    else:  # one machine, one sender: nothing to claim
+        assert len(second) == 4
