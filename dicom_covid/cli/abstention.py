@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from ._app import HELP_MARKUP, HelpGroup, app
-from .common import BundleOption, ModelOption, fail_on_error, setup_logging
+from .common import BundleOption, DataOption, ModelOption, fail_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +30,6 @@ abstention_app = typer.Typer(
     cls=HelpGroup,
 )
 app.add_typer(abstention_app, name="abstention")
-
-DataOption = Annotated[
-    Path | None,
-    typer.Option(envvar="DICOM_COVID_DATA", file_okay=False, help="Labelled data folder."),
-]
 
 
 @abstention_app.command("fit")

@@ -13,7 +13,7 @@ import typer
 
 from ..errors import DicomCovidError
 
-__all__ = ["BundleOption", "ModelOption", "fail_on_error", "setup_logging"]
+__all__ = ["BundleOption", "DataOption", "ModelOption", "fail_on_error", "setup_logging"]
 
 #: ``--model/--backbone``: a model of the bundle, shared by every command that classifies.
 ModelOption = Annotated[
@@ -29,6 +29,17 @@ BundleOption = Annotated[
     Path | None,
     typer.Option(
         help="MONAI bundle folder (default: the bundle shipped with dicom-covid).",
+        exists=True,
+        file_okay=False,
+    ),
+]
+#: ``--data``: a labelled data folder, shared by every command that reads one.
+DataOption = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="DICOM_COVID_DATA",
+        help="Labelled data folder: manifest.csv with path and label columns (split and source "
+        "where a command uses them), image paths relative to it. Default: the development set.",
         exists=True,
         file_okay=False,
     ),

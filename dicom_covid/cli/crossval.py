@@ -23,7 +23,7 @@ from typing import Annotated
 import typer
 
 from ._app import HELP_MARKUP, HelpGroup, app
-from .common import fail_on_error, setup_logging
+from .common import DataOption, fail_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,7 @@ def run(
         ),
     ] = None,
     backbone: Annotated[str, typer.Option(help="Backbone registry key.")] = "efficientnet_lite0",
-    data: Annotated[
-        Path | None,
-        typer.Option(envvar="DICOM_COVID_DATA", file_okay=False, help="Data folder."),
-    ] = None,
+    data: DataOption = None,
     output_dir: Annotated[
         Path | None,
         typer.Option(

@@ -9,13 +9,12 @@ the bundle, after which ``--model NAME`` works in ``predict``, ``evaluate``, ``h
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ._app import app
-from .common import BundleOption, fail_on_error, setup_logging
+from .common import BundleOption, DataOption, fail_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -36,16 +35,7 @@ def ensemble(
             "'all' for every single model whose weights are present."
         ),
     ],
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="DICOM_COVID_DATA",
-            exists=True,
-            file_okay=False,
-            help="Folder with manifest.csv; its val split sets the threshold. "
-            "Default: $DICOM_COVID_DATA, else ../shared/data/cxr.",
-        ),
-    ] = None,
+    data: DataOption = None,
     bundle: BundleOption = None,
     title: Annotated[
         str | None,

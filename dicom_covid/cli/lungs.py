@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from ._app import HELP_MARKUP, HelpGroup, app
-from .common import BundleOption, fail_on_error, setup_logging
+from .common import BundleOption, DataOption, fail_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +33,6 @@ lungs_app = typer.Typer(
 )
 app.add_typer(lungs_app, name="lungs")
 
-DataOption = Annotated[
-    Path | None,
-    typer.Option(
-        envvar="DICOM_COVID_DATA",
-        help="Folder with manifest.csv (default: the development set).",
-        exists=True,
-        file_okay=False,
-    ),
-]
 MasksOption = Annotated[
     Path | None,
     typer.Option(

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ._app import app
-from .common import fail_on_error, setup_logging
+from .common import DataOption, fail_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -24,15 +24,7 @@ def train(
             "efficientnet_lite0."
         ),
     ] = "efficientnet_lite0",
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="DICOM_COVID_DATA",
-            file_okay=False,
-            help="Data folder with manifest.csv (uses its train/val split). "
-            "Default: $DICOM_COVID_DATA, else ../shared/data/cxr.",
-        ),
-    ] = None,
+    data: DataOption = None,
     output_dir: Annotated[
         Path | None,
         typer.Option(

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ._app import app
-from .common import BundleOption, ModelOption, fail_on_error, setup_logging
+from .common import BundleOption, DataOption, ModelOption, fail_on_error, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -22,16 +22,7 @@ def tsne(
     ],
     model: ModelOption = None,
     bundle: BundleOption = None,
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="DICOM_COVID_DATA",
-            help="Folder with manifest.csv (columns path, label; source is used when present). "
-            "Default: the development set.",
-            exists=True,
-            file_okay=False,
-        ),
-    ] = None,
+    data: DataOption = None,
     split: Annotated[
         str | None, typer.Option(help="Rows whose 'split' column equals this; all rows if empty.")
     ] = "test",
