@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian machine for dicom-covid:
-#   - Debian packages: Orthanc (+ DICOMweb, GDCM), dcmtk, dicom3tools (only when missing);
+#   - Debian packages: Orthanc (+ DICOMweb, GDCM), dcmtk, dicom3tools, nginx, Chromium and
+#     PostgreSQL (its server binaries start throw-away clusters in the tests; only when missing);
 #   - a Python 3.11 virtual environment in .venv with dicom-covid installed editable
 #     (re-installed only when pyproject.toml changed).
 # Usage: bash deploy/setup.sh            (safe to run repeatedly)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc orthanc-dicomweb orthanc-gdcm dcmtk dicom3tools nginx-light chromium)
+APT_PACKAGES=(orthanc orthanc-dicomweb orthanc-gdcm dcmtk dicom3tools nginx-light chromium postgresql)
 missing=()
 for pkg in "${APT_PACKAGES[@]}" ${EXTRA_APT_PACKAGES:-}; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

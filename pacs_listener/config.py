@@ -16,6 +16,13 @@ A TOML file mirrors the objects (every key optional)::
     metrics_port = 9464                       # Prometheus /metrics, /healthz, /readyz
     metrics_host = "127.0.0.1"
 
+    # several nodes sharing one queue (default: SQLite in state_dir, one machine)
+    job_store = "postgresql://dicomcovid@db.example.org/dicomcovid"  # password: ~/.pgpass
+    storage_root = "/mnt/dicom-covid"         # spool/ and results/, mounted by every node
+    node_id = "node-1"                        # default: host name + state folder
+    role = "all"                              # all | listener | worker | sender
+    lease = 60.0                              # seconds a dead node's jobs stay claimed
+
     [[stowrs]]                                # DICOMweb STOW-RS destinations (repeatable)
     url = "https://pacs.example.org/dicom-web/studies"
     basic_auth_file = "stow.basic"            # one line "user:password" (mode 0600), or
@@ -63,7 +70,9 @@ A TOML file mirrors the objects (every key optional)::
 
 from __future__ import annotations
 
+import hashlib
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -76,6 +85,7 @@ __all__ = [
     "DEFAULT_AE_TITLE",
     "DEFAULT_PORT",
     "OWN_MARKER",
+    "ROLES",
     "AllowedCaller",
     "ConfigError",
     "Destination",
@@ -88,6 +98,9 @@ __all__ = [
     "WorkerConfig",
     "load_toml",
 ]
+
+#: What a ``serve`` node may run (``role = "all"`` runs every one).
+ROLES = ("listener", "worker", "sender")
 
 #: AE title the service answers to (and calls destinations with) unless told otherwise.
 DEFAULT_AE_TITLE = "DICOMCOVID"
@@ -638,6 +651,23 @@ class ServiceConfig:
     metrics_host : str
         Address the metrics endpoint listens on (default ``127.0.0.1``; ``0.0.0.0`` to let a
         Prometheus server on another host scrape it).
+    job_store : str or None
+        ``postgresql://`` URL of a job store several nodes share (see
+        :mod:`pacs_listener.store`). Default None: SQLite, ``<state_dir>/jobs.sqlite``.
+    storage_root : pathlib.Path or None
+        Folder holding ``spool/`` and ``results/``; with a shared job store, a folder every
+        node mounts (NFS/SMB). Default: ``state_dir``.
+    node_id : str or None
+        This node's name in a shared store (its workers claim jobs as
+        ``<node_id>/worker-<pid>``; keep it stable across restarts so a restarting node frees
+        its own claims at once). Default: ``<host name>-<8 hex digits of the state folder>``.
+    role : str
+        What this node runs: ``all`` (default: listener, worker and sender), ``listener``
+        (C-STORE SCP and grouping studies into jobs), ``worker`` (the model) or ``sender``
+        (deliveries); several comma-separated roles are allowed (``listener,sender``).
+    lease : float
+        Seconds a claimed job stays claimed without its worker renewing the claim (every
+        third of it); after that another worker takes it over (default 60).
     """
 
     state_dir: Path = Path("dicom-covid-state")
@@ -651,27 +681,78 @@ class ServiceConfig:
     keep_spool: bool = False
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    job_store: str | None = None
+    storage_root: Path | None = None
+    node_id: str | None = None
+    role: str = "all"
+    lease: float = 60.0
 
     def __post_init__(self) -> None:
         if self.quiet_period < 0:
             raise ConfigError("quiet_period must not be negative.")
+        if self.job_store is not None and not self.job_store.startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ConfigError(
+                f"job_store must be a postgresql:// URL (got {self.job_store.split('://')[0]}"
+                "://...); leave it out for the SQLite store in the state folder."
+            )
+        unknown = set(self.roles) - set(ROLES)
+        if unknown or not self.roles:
+            raise ConfigError(
+                f"role {self.role!r} is not known; use all, or one or more of "
+                f"{', '.join(ROLES)} separated by commas."
+            )
+        if self.lease < 3:
+            raise ConfigError("lease must be at least 3 seconds.")
+        if self.node_id is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", self.node_id):
+            raise ConfigError(
+                f"node_id {self.node_id!r} must be 1-64 letters, digits, '.', '_' or '-'."
+            )
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"metrics_port {self.metrics_port} is outside 0-65535.")
 
     @property
     def db_path(self) -> Path:
-        """The SQLite job store."""
+        """The SQLite job store (used when there is no ``job_store`` URL)."""
         return Path(self.state_dir) / "jobs.sqlite"
+
+    @property
+    def store_location(self) -> str | Path:
+        """What :class:`~pacs_listener.jobs.JobStore` opens: the URL or the SQLite file."""
+        return self.job_store if self.job_store else self.db_path
+
+    @property
+    def storage(self) -> Path:
+        """Folder of ``spool/`` and ``results/`` (``storage_root``, else ``state_dir``)."""
+        return Path(self.storage_root) if self.storage_root else Path(self.state_dir)
 
     @property
     def spool_dir(self) -> Path:
         """Received images waiting for (or kept after) analysis."""
-        return Path(self.state_dir) / "spool"
+        return self.storage / "spool"
 
     @property
     def results_dir(self) -> Path:
         """Results waiting for delivery."""
-        return Path(self.state_dir) / "results"
+        return self.storage / "results"
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The roles this node runs (``all`` spelled out)."""
+        if self.role.strip() == "all":
+            return ROLES
+        return tuple(dict.fromkeys(r.strip() for r in self.role.split(",") if r.strip()))
+
+    @property
+    def node(self) -> str:
+        """This node's id: ``node_id``, else the host name and a digest of the state folder
+        (stable across restarts; two nodes on one machine differ by their state folders)."""
+        if self.node_id:
+            return self.node_id
+        host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:48] or "node"
+        digest = hashlib.sha256(str(Path(self.state_dir).resolve()).encode()).hexdigest()[:8]
+        return f"{host}-{digest}"
 
     @property
     def results_min_free_bytes(self) -> int:
@@ -768,8 +849,12 @@ class ServiceConfig:
             if key in data:
                 worker_data[key] = data.pop(key)
         for key, value in data.items():
-            if key in ("state_dir", "output_dir"):
+            if key in ("state_dir", "output_dir", "storage_root"):
                 top[key] = path(value)
+            elif key in ("job_store", "node_id", "role"):
+                top[key] = str(value)
+            elif key == "lease":
+                top[key] = float(value)
             elif key == "destinations":
                 top[key] = tuple(Destination.parse(str(v)) for v in value)
             elif key == "stowrs":

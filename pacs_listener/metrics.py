@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -48,6 +47,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from .jobs import STAGES, JobStore
+from .store import STORE_ERRORS
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -90,14 +90,18 @@ class StoreCollector(Collector):
 
     Parameters
     ----------
-    db_path : pathlib.Path
-        The SQLite job store (``<state_dir>/jobs.sqlite``).
+    location : pathlib.Path or str
+        The job store: the SQLite file (``<state_dir>/jobs.sqlite``) or a ``postgresql://``
+        URL.
     probe : ServiceProbe
         Model facts and readiness.
+    root : pathlib.Path, optional
+        The storage root (needed with a PostgreSQL store).
     """
 
-    def __init__(self, db_path: Path, probe: ServiceProbe) -> None:
-        self.db_path = Path(db_path)
+    def __init__(self, location: Path | str, probe: ServiceProbe, root: Path | None = None) -> None:
+        self.location = location
+        self.root = root
         self.probe = probe
         self._store: JobStore | None = None
         self._lock = threading.Lock()
@@ -105,7 +109,7 @@ class StoreCollector(Collector):
     def store(self) -> JobStore:
         """This collector's own connection to the store (opened on first use)."""
         if self._store is None:
-            self._store = JobStore(self.db_path, create=False)
+            self._store = JobStore(self.location, create=False, root=self.root)
         return self._store
 
     def close(self) -> None:
@@ -133,7 +137,7 @@ class StoreCollector(Collector):
             try:
                 m = self.store().metrics(LATENCY_BUCKETS)
                 up = 1.0
-            except (sqlite3.Error, OSError) as exc:
+            except (*STORE_ERRORS, OSError) as exc:
                 logger.warning("metrics: the job store cannot be read (%s)", exc)
                 m, up = None, 0.0
         store_up = GaugeMetricFamily(
@@ -331,24 +335,31 @@ class MetricsServer:
 
     Parameters
     ----------
-    db_path : pathlib.Path
-        The job store the metrics are read from.
+    location : pathlib.Path or str
+        The job store the metrics are read from (SQLite file or ``postgresql://`` URL).
     probe : ServiceProbe
         Liveness, model state and model facts of the service.
     host : str
         Address to listen on (default ``127.0.0.1``).
     port : int
         TCP port (0: any free port, see :attr:`address`).
+    root : pathlib.Path, optional
+        The storage root (needed with a PostgreSQL store).
     """
 
     def __init__(
-        self, db_path: Path, probe: ServiceProbe, host: str = "127.0.0.1", port: int = 9464
+        self,
+        location: Path | str,
+        probe: ServiceProbe,
+        host: str = "127.0.0.1",
+        port: int = 9464,
+        root: Path | None = None,
     ) -> None:
         self.probe = probe
         self.host = host
         self.port = port
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = StoreCollector(db_path, probe)
+        self.collector = StoreCollector(location, probe, root)
         self.registry.register(self.collector)
         #: C-STORE requests refused by the listener, by status (in memory: never in the store).
         self.refused = Counter(
@@ -378,7 +389,7 @@ class MetricsServer:
             try:
                 with self.collector._lock:
                     self.collector.store().check_writable()
-            except (sqlite3.Error, OSError) as exc:
+            except (*STORE_ERRORS, OSError) as exc:
                 return False, f"not ready: the job store cannot be written ({exc})"
         return True, "ready"
 

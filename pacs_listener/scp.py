@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import io
 import logging
-import sqlite3
 import ssl
 import threading
 import time
@@ -64,6 +63,7 @@ from .config import ScpConfig, TlsConfig
 from .guard import ConnectionGuard, GuardedAssociationServer, GuardLimits
 from .jobs import JobStore
 from .spool import Spool, free_bytes
+from .store import STORE_ERRORS
 from .triage import Verdict, incomplete, result_reserve, too_large, triage
 
 __all__ = [
@@ -439,7 +439,7 @@ class StorageSCP:
             free = 0
         try:
             reserved = self.store.pending_result_bytes()
-        except sqlite3.Error:
+        except STORE_ERRORS:
             reserved = 0
         return free, reserved
 
@@ -514,7 +514,7 @@ class StorageSCP:
 
         try:
             return self._record(ds, data, sop, sop_class, study, series, stats)
-        except sqlite3.Error as exc:
+        except STORE_ERRORS as exc:
             logger.error(
                 "association %d: instance %s refused (0xA700): the job store cannot be written "
                 "(%s)",

@@ -17,6 +17,12 @@ workers finish their batches, let the sender finish its association.
 ``[worker] workers`` (``serve --workers N``) starts N worker processes on the same job store;
 claims are exclusive, and when one worker dies only the jobs it claimed go back to the queue
 (the others keep theirs) and it is restarted after a backoff.
+
+Scale-out: with a PostgreSQL job store (``job_store``) and a storage root every node mounts
+(``storage_root``), any number of nodes share the work, each running some of the roles
+(``role``: ``listener``, ``worker``, ``sender``, or ``all``). Every node records a heartbeat in
+the store; a claim carries a lease its worker renews, so the jobs of a node that dies are taken
+over by another node once the lease expires; a restarting node frees its own claims at once.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import queue
 import signal
-import sqlite3
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +47,7 @@ from .jobs import JobStore, StoreError
 from .scp import StorageSCP
 from .sender import Sender
 from .spool import Spool, ensure_private_dir
+from .store import STORE_ERRORS
 
 __all__ = ["Service", "ServiceError"]
 
@@ -93,6 +101,7 @@ class Service:
         self._saved_validation: int | None = None
         self.metrics: Any = None
         self.model_info: dict[str, str] = {}
+        self._started_at = time.time()
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -101,6 +110,20 @@ class Service:
         """Where the listener listens."""
         assert self.scp is not None
         return self.scp.address
+
+    def _beat(self) -> None:
+        """Record this node's heartbeat in the job store."""
+        assert self.store is not None
+        from dicom_covid import __version__
+
+        self.store.heartbeat(
+            self.config.node,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            roles=",".join(self.config.roles),
+            version=__version__,
+            started_at=self._started_at,
+        )
 
     def start(self, wait_ready: bool = False, timeout: float = 300.0) -> None:
         """Start every part; with ``wait_ready`` block until the worker has loaded the model.
@@ -112,47 +135,71 @@ class Service:
             be written.
         """
         c = self.config
-        self._check_model()
+        roles = c.roles
+        if "worker" in roles:
+            self._check_model()
         from pydicom import config as pydicom_config
 
         self._saved_validation = pydicom_config.settings.reading_validation_mode
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
         try:
             ensure_private_dir(Path(c.state_dir))
-            self.store = JobStore(c.db_path)
+            ensure_private_dir(c.storage)
+            self.store = JobStore(c.store_location, root=c.storage, lease=c.lease)
             spool = Spool(c.spool_dir)
-            spool.clean_temporary()
-            Spool(c.results_dir).clean_temporary()
-        except (OSError, sqlite3.Error) as exc:
+            results = Spool(c.results_dir)
+            if not self.store.shared:  # a shared folder may hold other nodes' files in flight
+                spool.clean_temporary()
+                results.clean_temporary()
+        except (OSError, *STORE_ERRORS) as exc:
+            where = c.state_dir if c.storage == Path(c.state_dir) else c.storage
             raise ServiceError(
-                f"cannot use the state folder {c.state_dir}: {exc}. Choose a writable folder "
-                "with --state-dir."
+                f"cannot use the state folder {where}: {exc}. Choose a writable folder "
+                "with --state-dir (or --storage-root)."
             ) from exc
         except StoreError as exc:
             raise ServiceError(str(exc)) from exc
-        self.store.release_running(count_attempt=False)  # the last run stopped, not the job
-        self._report_orphans()
+        # the last run stopped, not the job: free its claims at once (on a shared store only
+        # this node's; the other nodes' stay theirs, or are taken over when their lease expires)
+        self.store.release_running(count_attempt=False, node=c.node if self.store.shared else None)
+        self._beat()
+        logger.info(
+            "node %s: job store %s, storage %s, role(s) %s",
+            c.node,
+            self.store.describe(),
+            c.storage,
+            ", ".join(roles),
+        )
+        if "sender" in roles:
+            self._report_orphans()
         self._log_queue = self._ctx.Queue()
         self._start_thread(self._forward_logs, "log forwarder")
         if c.metrics_port is not None:
             self._start_metrics()
-        self.scp = StorageSCP(
-            c.scp,
-            self.store,
-            spool,
-            on_refused=self.metrics.count_refused if self.metrics is not None else None,
-        )
-        try:
-            self.scp.start()
-        except OSError as exc:
-            self._shutdown_partial()
-            raise ServiceError(
-                f"cannot listen on {c.scp.host}:{c.scp.port} ({exc.strerror or exc}); choose "
-                "another --port or stop the program using it."
-            ) from exc
-        self.sender = Sender(self.store, c.sender(), on_job_delivered=self._cleanup_job)
-        self.sender.start()
-        self._start_thread(self._group_loop, "grouper")
+        if "listener" in roles:
+            self.scp = StorageSCP(
+                c.scp,
+                self.store,
+                spool,
+                on_refused=self.metrics.count_refused if self.metrics is not None else None,
+            )
+            try:
+                self.scp.start()
+            except OSError as exc:
+                self._shutdown_partial()
+                raise ServiceError(
+                    f"cannot listen on {c.scp.host}:{c.scp.port} ({exc.strerror or exc}); "
+                    "choose another --port or stop the program using it."
+                ) from exc
+            self._start_thread(self._group_loop, "grouper")
+        if "sender" in roles:
+            self.sender = Sender(self.store, c.sender(), on_job_delivered=self._cleanup_job)
+            self.sender.start()
+        self._start_thread(self._heartbeat_loop, "heartbeat")
+        if "worker" not in roles:
+            self._worker_ready.set()  # nothing to load: ready as soon as it listens/sends
+            logger.info("node %s: service running (role(s) %s)", c.node, ", ".join(roles))
+            return
         self._worker_stop = self._ctx.Event()
         self._status = self._ctx.Queue()
         self._workers = [_WorkerSlot(i) for i in range(c.worker.workers)]
@@ -195,7 +242,9 @@ class Service:
         c = self.config
         probe = ServiceProbe(alive=self._alive, model_loaded=self._worker_ready.is_set)
         probe.model_info = self.model_info
-        self.metrics = MetricsServer(c.db_path, probe, c.metrics_host, c.metrics_port)
+        self.metrics = MetricsServer(
+            c.store_location, probe, c.metrics_host, c.metrics_port, root=c.storage
+        )
         try:
             self.metrics.start()
         except OSError as exc:
@@ -400,6 +449,15 @@ class Service:
                     logger.info("grouping studies works again after %d failed tries", failures)
                 wait, failures = interval, 0
 
+    def _heartbeat_loop(self) -> None:
+        """Beat every few seconds (``status`` shows each node's last heartbeat)."""
+        interval = max(1.0, min(10.0, self.config.lease / 4))
+        while not self._stop.wait(interval):
+            try:
+                self._beat()
+            except Exception as exc:  # the store is unreachable: the sender and worker say so
+                logger.warning("node heartbeat failed (%s: %s)", type(exc).__name__, exc)
+
     def _monitor_loop(self) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(queue.Empty, EOFError, OSError):
@@ -453,7 +511,7 @@ class Service:
         if not any(s.ready for s in self._workers):
             self._worker_ready.clear()
         assert self.store is not None
-        released = self.store.release_running(claimed_by=worker_name(w.pid))
+        released = self.store.release_running(claimed_by=worker_name(self.config.node, w.pid))
         logger.error(
             "worker %d (process %d) exited unexpectedly (exit code %s); its %d job(s) go "
             "back to the queue and a new worker starts in %.0f s",

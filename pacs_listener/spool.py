@@ -99,9 +99,11 @@ _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 def is_disk_full(exc: BaseException) -> bool:
     """True when ``exc`` means the disk (or the user's quota) is full: ``ENOSPC``/``EDQUOT``,
-    or SQLite's "database or disk is full"."""
+    SQLite's "database or disk is full", or PostgreSQL's ``disk_full`` (SQLSTATE 53100)."""
     if isinstance(exc, OSError):
         return exc.errno in _DISK_FULL_ERRNOS
+    if getattr(exc, "sqlstate", None) == "53100":
+        return True
     if isinstance(exc, sqlite3.Error):
         return getattr(exc, "sqlite_errorcode", None) == 13 or "disk is full" in str(exc)
     return False

@@ -25,7 +25,7 @@ import logging
 import logging.handlers
 import os
 import signal
-import sqlite3
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,9 +39,10 @@ from dicom_covid.errors import DicomCovidError, InputRejected, ResultEncodingErr
 from dicom_covid.reader import check_image_size
 
 from .config import ServiceConfig
-from .jobs import Instance, Job, JobStore, ResultFile
+from .jobs import Instance, Job, JobStore, LeaseLost, ResultFile
 from .logguard import keep_template
 from .spool import atomic_write, ensure_private_dir, free_bytes, is_disk_full, safe_name
+from .store import STORE_ERRORS
 
 __all__ = [
     "Analysis",
@@ -250,6 +251,10 @@ class JobProcessor:
     kos_for_suspected : bool
         Also write a Key Object Selection (kind ``"ko"``, :func:`dicom_covid.results.kos.
         build_kos`) for each image whose outcome is "suspected" (default False).
+    worker : str, optional
+        The name the jobs were claimed under: results are recorded only while this worker
+        still holds the job (a job whose lease expired and was taken over is left to its new
+        owner). Default None: no check (a single process owns the store).
     """
 
     def __init__(
@@ -262,7 +267,9 @@ class JobProcessor:
         min_free_bytes: int = 0,
         disk_retry: tuple[float, float] = (5.0, 120.0),
         kos_for_suspected: bool = False,
+        worker: str | None = None,
     ) -> None:
+        self.worker = worker
         self.store = store
         self.results_dir = ensure_private_dir(Path(results_dir))
         self.targets = tuple(targets)
@@ -318,7 +325,19 @@ class JobProcessor:
             if job.id in waiting:
                 states[job.id] = self.wait_for_disk(job, waiting[job.id], ok)
                 continue
-            state = self.store.finish_job(job.id)
+            try:
+                if any(item.lost for item in mine):
+                    raise LeaseLost(f"job {job.id}")
+                state = self.store.finish_job(job.id, worker=self.worker)
+            except LeaseLost:
+                logger.warning(
+                    "job %d: study %s was taken over by another worker after this one's lease "
+                    "expired; its results are left to that worker",
+                    job.id,
+                    job.study_instance_uid,
+                )
+                states[job.id] = "lost"
+                continue
             reason = self.store.job(job.id).reason if state == "failed" else None
             logger.info(
                 "job %d: study %s %s in %.2f s: %d image(s) analysed, %d failed%s%s",
@@ -416,10 +435,20 @@ class JobProcessor:
                     ResultFile(kind, str(obj.SOPInstanceUID), str(obj.StudyInstanceUID), path)
                 )
             self.store.record_results(
-                job.id, sop, files, self.targets, outcome=result.prediction.outcome
+                job.id,
+                sop,
+                files,
+                self.targets,
+                outcome=result.prediction.outcome,
+                worker=self.worker,
             )
+        except LeaseLost:
+            item.lost = True  # the new owner writes its own results; ours were never recorded
+            for f in files:
+                f.path.unlink(missing_ok=True)
+            return
         except Exception as exc:
-            if isinstance(exc, OSError | sqlite3.Error) and is_disk_full(exc):
+            if isinstance(exc, (OSError, *STORE_ERRORS)) and is_disk_full(exc):
                 waiting[job.id] = (
                     f"writing the results of image {sop} failed: {type(exc).__name__}: "
                     f"{getattr(exc, 'strerror', None) or exc}"
@@ -479,6 +508,7 @@ class _Item:
     ds: pydicom.Dataset | None = None
     note: str | None = None
     ok: bool = False
+    lost: bool = False
     t0: float = field(default_factory=time.monotonic)
 
 
@@ -496,9 +526,20 @@ def _child_logging(log_queue: Any, level: int) -> None:
     logging.getLogger("highdicom").setLevel(max(level, logging.WARNING))
 
 
-def worker_name(pid: int) -> str:
-    """The name a worker process claims jobs under (``claimed_by`` in the job store)."""
-    return f"worker-{pid}"
+def worker_name(node: str, pid: int) -> str:
+    """The name a worker process claims jobs under (``claimed_by`` in the job store):
+    ``<node>/worker-<pid>``, so a restarting node can release its own claims."""
+    return f"{node}/worker-{pid}"
+
+
+def _renew_leases(store: JobStore, name: str, stop: threading.Event) -> None:
+    """Renew the worker's leases every third of the lease until ``stop`` is set (a thread of
+    the worker process, on its own connection: it keeps beating while a batch runs)."""
+    while not stop.wait(store.lease / 3):
+        try:
+            store.renew_leases(name)
+        except Exception as exc:  # the database is unreachable: the claims may lapse
+            logger.warning("%s: renewing the job leases failed (%s)", name, type(exc).__name__)
 
 
 def torch_threads(config: ServiceConfig) -> int:
@@ -548,7 +589,7 @@ def worker_main(
     from pydicom import config as pydicom_config
 
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-    name = worker_name(os.getpid())
+    name = worker_name(config.node, os.getpid())
     wc = config.worker
     try:
         t0 = time.monotonic()
@@ -576,7 +617,11 @@ def worker_main(
         wc.batch_size,
     )
     status_queue.put(("ready", slot, analysis.model_name))
-    store = JobStore(config.db_path)
+    store = JobStore(config.store_location, root=config.storage, lease=config.lease)
+    leases_stop = threading.Event()
+    threading.Thread(
+        target=_renew_leases, args=(store, name, leases_stop), name="lease renewal", daemon=True
+    ).start()
     limits = ReaderConfig(
         max_pixels=config.scp.maximum_image_pixels,
         max_decoded_bytes=config.scp.maximum_image_bytes,
@@ -590,6 +635,7 @@ def worker_main(
         min_free_bytes=config.results_min_free_bytes,
         disk_retry=(wc.disk_retry_base, wc.disk_retry_max),
         kos_for_suspected=wc.kos_for_suspected,
+        worker=name,
     )
     unsettled: list[Job] = []  # jobs whose state could not be recorded (disk full)
     pause = 0.0
@@ -610,7 +656,7 @@ def worker_main(
                     continue
                 processor.process_batch(jobs)
                 pause = 0.0
-            except (OSError, sqlite3.Error) as exc:
+            except (OSError, *STORE_ERRORS) as exc:
                 if not is_disk_full(exc):
                     raise  # a real fault: the service restarts the worker and counts it
                 # the job store itself cannot be written: back off instead of retrying every
@@ -627,6 +673,7 @@ def worker_main(
                 )
                 stop_event.wait(pause)
     finally:
+        leases_stop.set()
         store.close()
         logger.info("%s: stopped", name)
 

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ._app import app
+from .status import JobStoreOption, StorageRootOption, open_service_store
 
 
 @app.command()
@@ -15,12 +16,13 @@ def retry(
     state_dir: Annotated[
         Path,
         typer.Option(
-            exists=True,
             file_okay=False,
             help="State folder of 'dicom-covid serve'.",
             envvar="DICOM_COVID_STATE_DIR",
         ),
     ] = Path("dicom-covid-state"),
+    job_store: JobStoreOption = None,
+    storage_root: StorageRootOption = None,
     job: Annotated[
         int | None,
         typer.Option(
@@ -42,16 +44,7 @@ def retry(
     """
     if job is None and not all_dead and not all_failed:
         raise typer.BadParameter("give --job ID, --all-dead or --all-failed.")
-    from pacs_listener.jobs import JobStore, StoreError
-
-    try:
-        store = JobStore(state_dir / "jobs.sqlite", create=False)
-    except FileNotFoundError:
-        typer.secho(f"error: {state_dir} holds no jobs.sqlite.", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
-    except StoreError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+    store = open_service_store(state_dir, job_store, storage_root)
     with store:
         if job is not None and store.job(job) is None:
             typer.secho(f"error: there is no job {job}.", fg=typer.colors.RED, err=True)

@@ -18,6 +18,7 @@ _PANEL_DELIVERY = "Delivery"
 _PANEL_MODEL = "Model"
 _PANEL_TLS = "TLS"
 _PANEL_OPS = "Operations"
+_PANEL_SCALE = "Scale-out (several nodes)"
 
 
 @app.command()
@@ -189,6 +190,50 @@ def serve(
             help="Folder (mode 0700) for the job database, received images and results "
             "(default ./dicom-covid-state).",
             envvar="DICOM_COVID_STATE_DIR",
+        ),
+    ] = None,
+    job_store: Annotated[
+        str | None,
+        typer.Option(
+            help="postgresql:// URL of a job store several nodes share (give the password in "
+            "~/.pgpass or PGPASSWORD, not in the URL). Default: SQLite in the state folder.",
+            envvar="DICOM_COVID_JOB_STORE",
+            rich_help_panel=_PANEL_SCALE,
+        ),
+    ] = None,
+    storage_root: Annotated[
+        Path | None,
+        typer.Option(
+            file_okay=False,
+            help="Folder for received images and results that every node mounts (NFS/SMB); "
+            "default: the state folder.",
+            envvar="DICOM_COVID_STORAGE_ROOT",
+            rich_help_panel=_PANEL_SCALE,
+        ),
+    ] = None,
+    role: Annotated[
+        str | None,
+        typer.Option(
+            help="What this node runs: all (default), listener, worker, sender, or several "
+            "separated by commas.",
+            rich_help_panel=_PANEL_SCALE,
+        ),
+    ] = None,
+    node_id: Annotated[
+        str | None,
+        typer.Option(
+            help="This node's name in a shared job store, stable across restarts (default: "
+            "host name and a digest of the state folder).",
+            rich_help_panel=_PANEL_SCALE,
+        ),
+    ] = None,
+    lease: Annotated[
+        float | None,
+        typer.Option(
+            min=3,
+            help="Seconds a dead worker's jobs stay claimed before another worker takes them "
+            "over (default 60).",
+            rich_help_panel=_PANEL_SCALE,
         ),
     ] = None,
     quiet_period: Annotated[
@@ -396,6 +441,11 @@ def serve(
             ("keep_spool", keep_spool),
             ("metrics_port", metrics_port),
             ("metrics_host", metrics_host),
+            ("job_store", job_store),
+            ("storage_root", storage_root),
+            ("role", role),
+            ("node_id", node_id),
+            ("lease", lease),
         ):
             if value is not None:
                 top[key] = value

@@ -5,11 +5,74 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ._app import app
+
+if TYPE_CHECKING:
+    from pacs_listener.jobs import JobStore
+
+#: The ``--job-store`` option of ``status`` and ``retry`` (as ``serve`` takes it).
+JobStoreOption = Annotated[
+    str | None,
+    typer.Option(
+        help="postgresql:// URL of a shared job store (as given to 'serve'); default: the "
+        "SQLite store in --state-dir.",
+        envvar="DICOM_COVID_JOB_STORE",
+    ),
+]
+#: The ``--storage-root`` option of ``status`` and ``retry``.
+StorageRootOption = Annotated[
+    Path | None,
+    typer.Option(
+        file_okay=False,
+        help="Storage root of a shared job store (as given to 'serve'); default: --state-dir.",
+        envvar="DICOM_COVID_STORAGE_ROOT",
+    ),
+]
+
+
+def open_service_store(
+    state_dir: Path, job_store: str | None, storage_root: Path | None
+) -> JobStore:
+    """The job store of a service, for ``status`` and ``retry``.
+
+    Parameters
+    ----------
+    state_dir : pathlib.Path
+        The service's state folder (its SQLite store, unless ``job_store`` is given).
+    job_store : str or None
+        ``postgresql://`` URL of a shared store.
+    storage_root : pathlib.Path or None
+        The shared store's storage root (default ``state_dir``).
+
+    Raises
+    ------
+    typer.Exit
+        With status 1 and a message when there is no store or it cannot be opened.
+    """
+    from pacs_listener.jobs import JobStore, StoreError
+
+    try:
+        if job_store:
+            return JobStore(job_store, create=False, root=storage_root or state_dir)
+        if not state_dir.is_dir():
+            raise FileNotFoundError(state_dir)
+        return JobStore(state_dir / "jobs.sqlite", create=False)
+    except FileNotFoundError:
+        where = "that database" if job_store else f"{state_dir}"
+        typer.secho(
+            f"error: {where} holds no dicom-covid job store; give the --state-dir (or "
+            "--job-store) of 'dicom-covid serve'.",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(1) from None
+    except StoreError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
 
 
 def _line(title: str, counts: dict[str, int]) -> str:
@@ -21,43 +84,49 @@ def status(
     state_dir: Annotated[
         Path,
         typer.Option(
-            exists=True,
             file_okay=False,
             help="State folder of 'dicom-covid serve'.",
             envvar="DICOM_COVID_STATE_DIR",
         ),
     ] = Path("dicom-covid-state"),
+    job_store: JobStoreOption = None,
+    storage_root: StorageRootOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     problems: Annotated[
         int, typer.Option(min=0, help="How many failed/dead jobs to list (default 10).")
     ] = 10,
 ) -> None:
-    """Show counts per state, the backlog, and the latest failed or dead jobs.
+    """Show counts per state, the backlog, the nodes, and the latest failed or dead jobs.
 
-    Safe while the service runs (read-only). Exit status 0, or 1 when the folder holds no job
-    database.
+    Safe while the service runs (read-only). With a shared job store (--job-store) it shows
+    every node: its roles, last heartbeat and the jobs its workers hold. Exit status 0, or 1
+    when there is no job store.
     """
-    from pacs_listener.jobs import JobStore, StoreError
+    import time
 
-    try:
-        store = JobStore(state_dir / "jobs.sqlite", create=False)
-    except FileNotFoundError:
-        typer.secho(
-            f"error: {state_dir} holds no jobs.sqlite; give the --state-dir of "
-            "'dicom-covid serve'.",
-            fg=typer.colors.RED,
-            err=True,
-        )
-        raise typer.Exit(1) from None
-    except StoreError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+    store = open_service_store(state_dir, job_store, storage_root)
     with store:
         counts = store.counts()
         reserved = store.pending_result_bytes()
         bad = store.jobs(states=("failed", "dead"), limit=problems) if problems else []
+        nodes = store.nodes()
+        where = store.describe()
+        root = store.root
+    now = time.time()
+    counts["nodes"] = [
+        {
+            "node": n.node_id,
+            "host": n.host,
+            "pid": n.pid,
+            "roles": n.roles,
+            "version": n.version,
+            "last_heartbeat_age_s": round(max(0.0, now - n.heartbeat_at), 1),
+            "leases": n.leases,
+        }
+        for n in nodes
+    ]
     try:
-        free: int | None = shutil.disk_usage(state_dir).free
+        free: int | None = shutil.disk_usage(root).free
     except OSError:
         free = None
     counts["disk"] = {"free_bytes": free, "reserved_for_results_bytes": reserved}
@@ -73,7 +142,7 @@ def status(
     if as_json:
         typer.echo(json.dumps(counts, indent=2))
         return
-    typer.echo(f"dicom-covid service state in {state_dir}")
+    typer.echo(f"dicom-covid service state in {where}")
     typer.echo(_line("instances", counts["instances"]))
     typer.echo(_line("jobs", counts["jobs"]))
     typer.echo(_line("deliveries", counts["deliveries"]))
@@ -108,5 +177,10 @@ def status(
         typer.echo(_line("skipped", counts["skipped_reasons"]))
     if counts["duplicates"]:
         typer.echo(f"duplicates  {counts['duplicates']} re-sent instance(s) acknowledged")
+    for n in counts["nodes"]:
+        typer.echo(
+            f"node        {n['node']} ({n['roles']}; host {n['host']}, pid {n['pid']}): last "
+            f"heartbeat {n['last_heartbeat_age_s']:.0f} s ago, {n['leases']} job(s) held"
+        )
     for p in counts["problems"]:
         typer.echo(f"job {p['job']} ({p['state']}) study {p['study_instance_uid']}: {p['reason']}")
