@@ -412,7 +412,7 @@ def test_kill_9_of_one_worker_of_two_loses_nothing(tmp_path: Path) -> None:
             return bool(victim)
 
         wait_until(claimed, 120, interval=0.02, what="a worker holding a claim")
-        pid = int(victim[0].removeprefix("worker-"))
+        pid = int(victim[0].rsplit("/worker-", 1)[1])  # claimed as <node>/worker-<pid>
         os.kill(pid, signal.SIGKILL)
         with JobStore(db, create=False) as store:
             wait_until(
