@@ -17,7 +17,11 @@ not rescaled, so a region that only some members look at stays cooler than one t
 
 One pass: :meth:`Explainer.predict_and_explain` gives the prediction (with the abstention
 decision, exactly as :meth:`Predictor.predict <dicom_covid.inference.Predictor.predict>` gives it)
-and the heat map from the same forward pass. Hooks on the CAM layer keep its activations; the
+and the heat map from the same forward pass; :meth:`Explainer.predict_and_place` gives the same
+heat map not yet resampled (:class:`CamHeat`: each network's CAM and its lung box), so that the
+PACS worker draws the outline and the Secondary Capture at their own small resolutions instead of
+making a source-size map only to shrink it again (on a 5-Mpixel CR about 20 ms per network to
+make it, 40-55 ms to shrink it for the two). Hooks on the CAM layer keep its activations; the
 forward runs without an autograd graph up to that layer and records one only from there to the
 logits, so the backward pass for the CAM covers the head alone and no weight gets a gradient.
 :meth:`Explainer.cam` and :meth:`Explainer.heatmap` use the same pass. The CAM itself is computed
@@ -49,7 +53,14 @@ if TYPE_CHECKING:
     from .prediction import Prediction
     from .reader import XrayImage
 
-__all__ = ["CAM_METHODS", "Explainer", "hot_region_outline", "overlay", "resolve_layer"]
+__all__ = [
+    "CAM_METHODS",
+    "CamHeat",
+    "Explainer",
+    "hot_region_outline",
+    "overlay",
+    "resolve_layer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -258,11 +269,41 @@ class Explainer:
         ValueError
             When ``target`` is not a label of the model.
         """
+        return [(p, heat.at()) for p, heat in self.predict_and_place(images, target, batch_size)]
+
+    def predict_and_place(
+        self, images: Sequence[XrayImage], target: str = "covid", batch_size: int = 16
+    ) -> list[tuple[Prediction, CamHeat]]:
+        """:meth:`predict_and_explain` with each heat map not yet resampled to its image.
+
+        Parameters
+        ----------
+        images : sequence of XrayImage
+            The radiographs.
+        target : str
+            Class label whose score is explained (default ``"covid"``), or ``"predicted"``.
+        batch_size : int
+            Images per forward pass.
+
+        Returns
+        -------
+        list of (Prediction, CamHeat)
+            Per image, the prediction and its heat map as a :class:`CamHeat`, whose
+            ``at()`` is exactly the array :meth:`predict_and_explain` returns and whose
+            ``at(shape)`` is the same map made directly at ``shape``.
+
+        Raises
+        ------
+        ValueError
+            When ``target`` is not a label of the model.
+        """
         images = list(images)
         predictions, cams, boxes = self._explain(images, target, batch_size, predict=True)
         assert predictions is not None
-        heats = [self._heat(image, cams, boxes, i) for i, image in enumerate(images)]
-        return list(zip(predictions, heats, strict=True))
+        out = []
+        for i, (image, prediction) in enumerate(zip(images, predictions, strict=True)):
+            out.append((prediction, self._cam_heat(image, cams, boxes, i)))
+        return out
 
     def cam(self, image: XrayImage, target: str = "covid") -> np.ndarray:
         """CAM at the network's input resolution, ``float32 (S, S)`` in ``[0, 1]``.
@@ -323,14 +364,81 @@ class Explainer:
         self, image: XrayImage, cams: list[list[np.ndarray]], boxes: list[list[Any]], i: int
     ) -> np.ndarray:
         """Heat map of image ``i`` of a pass from each network's CAM and lung box."""
-        nets = self._networks()
-        for net, net_boxes in zip(nets, boxes, strict=True):
+        return self._cam_heat(image, cams, boxes, i).at()
+
+    def _cam_heat(
+        self, image: XrayImage, cams: list[list[np.ndarray]], boxes: list[list[Any]], i: int
+    ) -> CamHeat:
+        """The :class:`CamHeat` of image ``i`` of a pass (and each network's ``last_box``)."""
+        for net, net_boxes in zip(self._networks(), boxes, strict=True):
             net.last_box = net_boxes[i]
-        heat = _place(cams[0][i], image.shape, boxes[0][i])
-        if len(nets) > 1:
-            for net_cams, net_boxes in zip(cams[1:], boxes[1:], strict=True):
-                heat += _place(net_cams[i], image.shape, net_boxes[i])
-            heat /= len(nets)
+        return CamHeat([c[i] for c in cams], [b[i] for b in boxes], image.shape)
+
+
+class CamHeat:
+    """A heat map before resampling: each network's CAM and where it lies on the source.
+
+    :meth:`at` makes the heat map at any resolution with the steps of
+    :meth:`Explainer.heatmap`: each network's CAM resized bilinearly onto the whole image or
+    into its lung box, the networks' maps averaged, clipped to ``[0, 1]``. ``at()`` (the
+    source's shape) *is* :meth:`Explainer.heatmap`'s array. ``at(small)`` stands for that
+    array area-averaged down to ``small`` without making it: each pixel is the CAM sampled
+    bilinearly at the pixel's centre, times the share of the pixel that the lung box covers
+    (so the box's edges fall where they fall on the source). It differs from the area average
+    only by the curvature of the CAM within one pixel (a fraction of a grey level at the
+    Secondary Capture's size) and costs a fraction of the source-size map.
+
+    Parameters
+    ----------
+    cams : sequence of numpy.ndarray
+        One ``(S, S)`` CAM in ``[0, 1]`` per network (one for a single model).
+    boxes : sequence
+        Per network, the lung box the CAM covers as fractions ``(top, bottom, left, right)``
+        of the source, or None for the whole image.
+    shape : tuple of int
+        ``(rows, columns)`` of the source image.
+
+    Raises
+    ------
+    ValueError
+        When there is no CAM, or CAMs and boxes differ in number.
+    """
+
+    def __init__(
+        self, cams: Sequence[np.ndarray], boxes: Sequence[Any], shape: tuple[int, int]
+    ) -> None:
+        if not cams or len(cams) != len(boxes):
+            raise ValueError(f"{len(cams)} CAMs and {len(boxes)} boxes: need one box per CAM")
+        self.cams = tuple(cams)
+        self.boxes = tuple(boxes)
+        #: ``(rows, columns)`` of the source image, the shape of :meth:`at` by default.
+        self.shape = (int(shape[0]), int(shape[1]))
+
+    def at(self, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """The heat map at ``shape`` (default: the source's), ``float32`` in ``[0, 1]``.
+
+        Parameters
+        ----------
+        shape : tuple of int, optional
+            ``(rows, columns)`` of the result; the lung boxes scale with it.
+
+        Returns
+        -------
+        numpy.ndarray
+        """
+        shape = self.shape if shape is None else (int(shape[0]), int(shape[1]))
+        if shape == self.shape:
+            place = _place
+        else:
+
+            def place(cam: np.ndarray, shape: tuple[int, int], box: Any) -> np.ndarray:
+                return _place_reduced(cam, self.shape, shape, box)
+
+        heat = place(self.cams[0], shape, self.boxes[0])
+        if len(self.cams) > 1:
+            for cam, box in zip(self.cams[1:], self.boxes[1:], strict=True):
+                heat += place(cam, shape, box)
+            heat /= len(self.cams)
             np.clip(heat, 0.0, 1.0, out=heat)
         return heat
 
@@ -421,6 +529,53 @@ def _place(small: np.ndarray, shape: tuple[int, int], box: Any) -> np.ndarray:
     return heat
 
 
+def _box_rows_cols(shape: tuple[int, int], box: Any) -> tuple[int, int, int, int]:
+    """The lung box in whole pixels of a ``shape`` image, as :func:`_place` rounds it."""
+    rows, cols = shape
+    if box is None:
+        return 0, rows, 0, cols
+    t, b, left, r = box
+    t, b = round(t * rows), max(round(b * rows), round(t * rows) + 1)
+    left = round(left * cols)
+    return t, b, left, max(round(r * cols), left + 1)
+
+
+def _axis_samples(n: int, per_pixel: float, lo: int, hi: int, cam_n: int) -> tuple:
+    """Bilinear taps and box coverage of ``n`` output pixels along one axis (see below)."""
+    # Output pixel i spans source pixels [i, i + 1) * per_pixel; its centre, in the CAM's index
+    # space once the CAM is resized to the box [lo, hi) with align_corners=False, clamped at
+    # the borders as torch clamps.
+    centre = (np.arange(n, dtype=np.float64) + 0.5) * per_pixel
+    u = np.clip((centre - lo) * cam_n / (hi - lo) - 0.5, 0.0, cam_n - 1)
+    i0 = np.floor(u).astype(np.intp)
+    i1 = np.minimum(i0 + 1, cam_n - 1)
+    frac = (u - i0).astype(np.float32)
+    start = np.arange(n, dtype=np.float64) * per_pixel
+    cover = np.clip(np.minimum(start + per_pixel, hi) - np.maximum(start, lo), 0.0, None)
+    return i0, i1, frac, (cover / per_pixel).astype(np.float32)
+
+
+def _place_reduced(
+    small: np.ndarray, source: tuple[int, int], shape: tuple[int, int], box: Any
+) -> np.ndarray:
+    """:func:`_place` on a ``source`` image, area-averaged to ``shape``, made at ``shape``.
+
+    Each output pixel is the CAM sampled bilinearly at the pixel's centre times the share of
+    the pixel inside the lung box (whose edges are rounded to whole source pixels, as
+    :func:`_place` rounds them). Inside the box this is the area average up to the CAM's
+    curvature within a pixel; on its edges it is the area average of the partly covered pixel.
+    """
+    cam = np.ascontiguousarray(small, dtype=np.float32)
+    t, b, left, r = _box_rows_cols(source, box)
+    r0, r1, rf, rcover = _axis_samples(shape[0], source[0] / shape[0], t, b, cam.shape[0])
+    c0, c1, cf, ccover = _axis_samples(shape[1], source[1] / shape[1], left, r, cam.shape[1])
+    rows = cam[r0] * (1.0 - rf)[:, None] + cam[r1] * rf[:, None]
+    heat = rows[:, c0] * (1.0 - cf) + rows[:, c1] * cf
+    heat *= rcover[:, None]
+    heat *= ccover
+    return np.clip(heat, 0.0, 1.0, out=heat)
+
+
 def _resize(cam: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of a 2-D CAM to ``size`` as a ``(1, 1, rows, cols)`` float32 tensor."""
     small = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
@@ -490,18 +645,24 @@ def overlay(image: XrayImage | np.ndarray, heatmap: np.ndarray, alpha: float = 0
         )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    return _overlay_lut(float(alpha))[_levels(heat), _levels(pixels)]
+    # One flat index per pixel (heat level * 256 + gray level): one gather instead of numpy's
+    # two-array fancy indexing, which is about four times slower and gives the same colours.
+    index = _levels(heat).astype(np.intp)
+    index <<= 8
+    index |= _levels(pixels)
+    return np.take(_overlay_lut(float(alpha)).reshape(-1, 3), index, axis=0)
 
 
 def hot_region_outline(
-    heatmap: np.ndarray, level: float = 0.5, max_points: int = 64, work_size: int = 256
+    heatmap: np.ndarray | CamHeat, level: float = 0.5, max_points: int = 64, work_size: int = 256
 ) -> np.ndarray:
     """Closed polygon around the largest connected region where ``heat >= level * max``.
 
     Parameters
     ----------
-    heatmap : numpy.ndarray
-        ``(H, W)`` heat map.
+    heatmap : numpy.ndarray or CamHeat
+        ``(H, W)`` heat map; or a :class:`CamHeat`, whose map is then made directly at the
+        work size (``CamHeat.at``) instead of being area-averaged down from ``(H, W)``.
     level : float
         Fraction of the maximum that defines "hot", in ``(0, 1]``.
     max_points : int
@@ -524,16 +685,25 @@ def hot_region_outline(
     """
     import cv2
 
-    heat = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
-    if heat.ndim != 2 or min(heat.shape) < 1:
-        raise ValueError(f"heat map must be a 2-D array, got shape {heat.shape}")
+    if isinstance(heatmap, CamHeat):
+        heat = None
+        rows, cols = heatmap.shape
+    else:
+        heat = np.nan_to_num(np.asarray(heatmap, dtype=np.float32))
+        if heat.ndim != 2 or min(heat.shape) < 1:
+            raise ValueError(f"heat map must be a 2-D array, got shape {heat.shape}")
+        rows, cols = heat.shape
     if not 0.0 < level <= 1.0:
         raise ValueError(f"level must be in (0, 1], got {level}")
     max_points = max(int(max_points), 4)
-    rows, cols = heat.shape
     scale = min(1.0, work_size / max(rows, cols))
     h, w = max(1, round(rows * scale)), max(1, round(cols * scale))
-    small = cv2.resize(heat, (w, h), interpolation=cv2.INTER_AREA) if (h, w) != heat.shape else heat
+    if heat is None:
+        small = np.nan_to_num(heatmap.at((h, w)))  # type: ignore[union-attr]
+    elif (h, w) != heat.shape:
+        small = cv2.resize(heat, (w, h), interpolation=cv2.INTER_AREA)
+    else:
+        small = heat
     sx, sy = cols / w, rows / h  # source pixels per work pixel
     peak = float(small.max())
     border = np.array([[0, 0], [cols, 0], [cols, rows], [0, rows], [0, 0]], dtype=np.float32)

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from ..errors import ResultEncodingError
-from .sc import build_heatmap_sc
+from .sc import HeatSource, build_heatmap_sc
 from .sr import build_sr, read_sr_result
 
 if TYPE_CHECKING:
@@ -61,9 +62,10 @@ class ResultSet:
     ----------
     prediction : Prediction
         The classification.
-    heatmap : numpy.ndarray
-        ``float32 (rows, columns)`` Grad-CAM heat map of P(COVID-19) in ``[0, 1]``, at the
-        source's resolution.
+    heat : HeatSource
+        The Grad-CAM heat map of P(COVID-19) before resampling
+        (:class:`dicom_covid.explain.CamHeat`): the SR's outline and the SC were made from it at
+        their own resolutions; :attr:`heatmap` makes the source-size map from it when asked.
     sr : highdicom.sr.ComprehensiveSR
         The TID 1500 report (its region in the source's pixel coordinates).
     sc : highdicom.sc.SCImage
@@ -74,10 +76,20 @@ class ResultSet:
     """
 
     prediction: Prediction
-    heatmap: np.ndarray
+    heat: HeatSource
     sr: hd.sr.ComprehensiveSR
     sc: hd.sc.SCImage
     outline: np.ndarray
+
+    @cached_property
+    def heatmap(self) -> np.ndarray:
+        """``float32 (rows, columns)`` heat map in ``[0, 1]`` at the source's resolution.
+
+        Made on first use (``heat.at()``, the same array as
+        :meth:`Explainer.heatmap <dicom_covid.explain.Explainer.heatmap>`): the PACS worker
+        never needs it, and on a 5-Mpixel CR it costs tens of milliseconds per network.
+        """
+        return self.heat.at()
 
     @property
     def datasets(self) -> list[Dataset]:
@@ -97,7 +109,7 @@ def analyse(source: Dataset, predictor: Predictor, explainer: Explainer | None =
     explainer : Explainer, optional
         Grad-CAM for ``predictor`` (default: ``Explainer(predictor)``, plain Grad-CAM). Pass
         one to reuse it across images. Prediction and heat map come from one forward pass
-        (:meth:`~dicom_covid.explain.Explainer.predict_and_explain`).
+        (:meth:`~dicom_covid.explain.Explainer.predict_and_place`).
 
     Returns
     -------
@@ -159,10 +171,10 @@ def analyse_batch(
             where.append(i)
         except Exception as exc:
             out[i] = exc
-    pairs: list[tuple[Prediction, np.ndarray] | Exception] = []
+    pairs: list[tuple[Prediction, HeatSource] | Exception] = []
     if images:
         try:
-            pairs = list(explainer.predict_and_explain(images, "covid", batch_size))
+            pairs = list(explainer.predict_and_place(images, "covid", batch_size))
         except Exception as exc:
             if len(images) == 1:
                 pairs = [exc]
@@ -171,7 +183,7 @@ def analyse_batch(
                 pairs = []
                 for image in images:
                     try:
-                        pairs.extend(explainer.predict_and_explain([image], "covid"))
+                        pairs.extend(explainer.predict_and_place([image], "covid"))
                     except Exception as one:
                         pairs.append(one)
     for i, image, pair in zip(where, images, pairs, strict=True):
@@ -186,17 +198,17 @@ def analyse_batch(
 
 
 def _results(
-    source: Dataset, image: XrayImage, prediction: Prediction, heatmap: np.ndarray, method: str
+    source: Dataset, image: XrayImage, prediction: Prediction, heat: HeatSource, method: str
 ) -> ResultSet:
     from ..explain import hot_region_outline
 
-    outline = hot_region_outline(heatmap)
+    outline = hot_region_outline(heat)  # traced on the map made at its work size
     sr = build_sr(source, prediction, outline, heatmap_method=method)
-    sc = build_heatmap_sc(source, image, prediction, heatmap, method=method)
+    sc = build_heatmap_sc(source, image, prediction, heat, method=method)  # at display size
     logger.info(
         "analysed %s: %s (P(covid)=%.3f)",
         image.sop_instance_uid,
         prediction.decision,
         prediction.covid_score,
     )
-    return ResultSet(prediction=prediction, heatmap=heatmap, sr=sr, sc=sc, outline=outline)
+    return ResultSet(prediction=prediction, heat=heat, sr=sr, sc=sc, outline=outline)

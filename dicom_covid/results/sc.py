@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import cv2
 import highdicom as hd
@@ -49,7 +49,14 @@ if TYPE_CHECKING:
     from ..prediction import Prediction
     from ..reader import XrayImage
 
-__all__ = ["BANNER", "DISPLAY_SIZE", "build_heatmap_sc", "display_shape", "render_heatmap"]
+__all__ = [
+    "BANNER",
+    "DISPLAY_SIZE",
+    "HeatSource",
+    "build_heatmap_sc",
+    "display_shape",
+    "render_heatmap",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +65,22 @@ BANNER = "NOT FOR DIAGNOSTIC USE - RESEARCH ONLY"
 #: Longest side, in pixels, of the Secondary Capture's pixel matrix.
 DISPLAY_SIZE = 1024
 _ORIENTATION_LETTERS = set("APLRHF")
+
+
+@runtime_checkable
+class HeatSource(Protocol):
+    """A heat map that can be made at any resolution, e.g. :class:`dicom_covid.explain.CamHeat`.
+
+    ``at()`` is the map at the source's ``shape``; ``at(shape)`` the same map made directly at a
+    smaller ``shape`` (the Secondary Capture takes it at its display size instead of
+    area-averaging a source-size map down).
+    """
+
+    shape: tuple[int, int]
+
+    def at(self, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """The heat map at ``shape`` (default: the source's), ``float32`` in ``[0, 1]``."""
+        ...
 
 
 @lru_cache(maxsize=16)
@@ -84,25 +107,34 @@ def _fit_font(draw: ImageDraw.ImageDraw, lines: list[str], width: int, short_sid
 
 
 def _draw_band(
-    base: Image.Image, lines: list[tuple[str, tuple[int, int, int]]], top: bool, font, size: int
+    rgb: np.ndarray, lines: list[tuple[str, tuple[int, int, int]]], top: bool, font, size: int
 ) -> None:
+    """Shade a band of ``rgb`` (``uint8 (h, w, 3)``, changed in place) and write ``lines`` on it.
+
+    Only the band's rows (with one text size of margin each side, for strokes that pass its
+    edge) go through Pillow as RGBA, not the whole picture; every step is local to the pixels it
+    touches, so the result is the same as drawing on the whole picture.
+    """
     pad = max(4, size // 3)
     line_h = round(size * 1.25)
     band_h = 2 * pad + line_h * len(lines)
-    w, h = base.size
+    h, w = rgb.shape[:2]
     y0 = 0 if top else max(0, h - band_h)
+    lo, hi = max(0, y0 - size), min(h, y0 + band_h + 1 + size)
+    strip = Image.fromarray(rgb[lo:hi], "RGB").convert("RGBA")
     shade = Image.new("RGBA", (w, min(band_h + 1, h - y0)), (0, 0, 0, 170))
-    base.alpha_composite(shade, dest=(0, y0))  # the band only, not a full-size layer
-    draw = ImageDraw.Draw(base)
+    strip.alpha_composite(shade, dest=(0, y0 - lo))
+    draw = ImageDraw.Draw(strip)
     for i, (text, colour) in enumerate(lines):
         draw.text(
-            (pad, y0 + pad + i * line_h),
+            (pad, y0 - lo + pad + i * line_h),
             text,
             font=font,
             fill=(*colour, 255),
             stroke_width=max(1, size // 16),
             stroke_fill=(0, 0, 0, 255),
         )
+    rgb[lo:hi] = np.asarray(strip.convert("RGB"), dtype=np.uint8)
 
 
 def display_shape(rows: int, cols: int, max_side: int | None = DISPLAY_SIZE) -> tuple[int, int]:
@@ -138,7 +170,7 @@ def _shrink(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def render_heatmap(
     image: XrayImage,
     prediction: Prediction,
-    heatmap: np.ndarray,
+    heatmap: np.ndarray | HeatSource,
     method: str = "gradcam",
     alpha: float = 0.45,
     max_side: int | None = DISPLAY_SIZE,
@@ -151,8 +183,9 @@ def render_heatmap(
         The radiograph.
     prediction : Prediction
         The prediction explained.
-    heatmap : numpy.ndarray
-        ``(H, W)`` heat map in ``[0, 1]``, same shape as ``image.pixels``.
+    heatmap : numpy.ndarray or HeatSource
+        ``(H, W)`` heat map in ``[0, 1]``, same shape as ``image.pixels``; or a
+        :class:`HeatSource` of that shape, whose map is then made at the picture's size.
     method : str
         CAM method name, printed in the text.
     alpha : float
@@ -163,13 +196,17 @@ def render_heatmap(
     Returns
     -------
     numpy.ndarray
-        ``uint8 (h, w, 3)`` with ``(h, w) = display_shape(H, W, max_side)``; radiograph and heat
-        map are area-averaged down to it before they are blended.
+        ``uint8 (h, w, 3)`` with ``(h, w) = display_shape(H, W, max_side)``; the radiograph (and
+        a heat map array) are area-averaged down to it before they are blended.
     """
     from ..explain import overlay
 
     shape = display_shape(*image.shape, max_side)
-    rgb = overlay(_shrink(image.pixels, shape), _shrink(np.asarray(heatmap), shape), alpha=alpha)
+    if isinstance(heatmap, HeatSource):
+        heat = np.asarray(heatmap.at(shape), dtype=np.float32)
+    else:
+        heat = _shrink(np.asarray(heatmap), shape)
+    rgb = overlay(_shrink(image.pixels, shape), heat, alpha=alpha)
     identity = ModelIdentity.from_prediction(prediction)
     h, w = rgb.shape[:2]
     decision = {
@@ -196,12 +233,12 @@ def render_heatmap(
         (f"{label} of P(COVID-19): red = most influential region", (255, 255, 255)),
         (identity.short, (255, 255, 255)),
     ]
-    base = Image.fromarray(rgb, "RGB").convert("RGBA")
-    draw = ImageDraw.Draw(base)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # measures text only
     font, size = _fit_font(draw, [t for t, _ in top + bottom], w, min(h, w))
-    _draw_band(base, top, True, font, size)
-    _draw_band(base, bottom, False, font, size)
-    return np.ascontiguousarray(np.asarray(base.convert("RGB"), dtype=np.uint8))
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    _draw_band(rgb, top, True, font, size)
+    _draw_band(rgb, bottom, False, font, size)
+    return rgb
 
 
 def _orientation(header: Dataset) -> tuple[str, str] | None:
@@ -218,7 +255,7 @@ def build_heatmap_sc(
     source: Dataset,
     image: XrayImage,
     prediction: Prediction,
-    heatmap: np.ndarray,
+    heatmap: np.ndarray | HeatSource,
     *,
     method: str = "gradcam",
     series_instance_uid: str | None = None,
@@ -237,8 +274,9 @@ def build_heatmap_sc(
         The same image as read by :func:`dicom_covid.reader.read_dataset`.
     prediction : Prediction
         The prediction explained.
-    heatmap : numpy.ndarray
-        ``(rows, columns)`` heat map in ``[0, 1]`` at the source's resolution.
+    heatmap : numpy.ndarray or HeatSource
+        ``(rows, columns)`` heat map in ``[0, 1]`` at the source's resolution, or a
+        :class:`HeatSource` of that shape (the map is then made at the SC's size only).
     method : str
         CAM method that made the heat map (``"gradcam"``, ``"gradcam++"``, ...).
     series_instance_uid, sop_instance_uid : str, optional
@@ -263,8 +301,8 @@ def build_heatmap_sc(
     """
     header = source_header(source)
     rows, cols = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
-    heat = np.asarray(heatmap)
-    if heat.shape != (rows, cols) or image.shape != (rows, cols):
+    heat = heatmap if isinstance(heatmap, HeatSource) else np.asarray(heatmap)
+    if tuple(heat.shape) != (rows, cols) or image.shape != (rows, cols):
         raise ResultEncodingError(
             f"heat map {heat.shape} and image {image.shape} must both have the source's "
             f"{rows}x{cols} pixels; compute the heat map with Explainer.heatmap on this image."
