@@ -107,11 +107,14 @@ def write_config(
     lua: bool = True,
     dicomweb: bool = False,
     users: dict[str, str] | None = None,
+    listeners: list[int] | None = None,
 ) -> Path:
     """Write the deploy configuration adapted to a test into ``folder``; return its path.
 
     ``dicomweb`` loads the DICOMweb plugin (STOW-RS at ``/dicom-web/studies``); ``users``
-    (name: password) turns on HTTP basic authentication of the REST API and DICOMweb.
+    (name: password) turns on HTTP basic authentication of the REST API and DICOMweb;
+    ``listeners`` (ports) replaces the one ``dicomcovid`` modality by ``dicomcovid-1``,
+    ``dicomcovid-2``, ... (the listeners of a multi-node service, see ``forward.lua``).
     """
     cfg = json.loads((DEPLOY / "orthanc.json").read_text())
     storage = folder / "storage"
@@ -134,6 +137,10 @@ def write_config(
         cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
     cfg["DicomModalities"]["dicomcovid"]["Port"] = dicomcovid_port
     cfg["DicomModalities"]["dicomcovid"]["Host"] = "127.0.0.1"
+    if listeners:
+        entry = cfg["DicomModalities"].pop("dicomcovid")
+        for i, port in enumerate(listeners, start=1):
+            cfg["DicomModalities"][f"dicomcovid-{i}"] = {**entry, "Port": port}
     path = folder / "orthanc.json"
     path.write_text(json.dumps(cfg, indent=2))
     return path
@@ -148,6 +155,7 @@ def running_orthanc(
     timeout: float = 60.0,
     dicomweb: bool = False,
     users: dict[str, str] | None = None,
+    listeners: list[int] | None = None,
 ) -> Iterator[Orthanc]:
     """Start Orthanc with the deploy configuration, wait for ``/system``, stop it afterwards.
 
@@ -165,11 +173,13 @@ def running_orthanc(
         Seconds to wait for the REST API.
     dicomweb, users : bool, dict
         Load the DICOMweb plugin; basic-auth users (see :func:`write_config`).
+    listeners : list of int, optional
+        Ports of several dicom-covid listeners instead of ``dicomcovid_port``.
     """
     folder.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = _free_port(), _free_port()
     config = write_config(
-        folder, dicomcovid_port, http_port, dicom_port, stable_age, lua, dicomweb, users
+        folder, dicomcovid_port, http_port, dicom_port, stable_age, lua, dicomweb, users, listeners
     )
     log = (folder / "orthanc.log").open("wb")
     proc = subprocess.Popen(

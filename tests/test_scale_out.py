@@ -198,3 +198,75 @@ def test_two_listeners_two_workers_one_postgresql_lose_nothing(
     for n in nodes:  # logs without patient data, on every node
         text = n.log.read_text() + n.output()
         assert PATIENT_NAME not in text and PATIENT_ID not in text
+
+
+def _lua_order(study_id: str, names: list[str]) -> list[str]:
+    """The listener order ``deploy/orthanc/forward.lua`` gives a study (its hash, in Python)."""
+    h = 0
+    for ch in study_id.encode():
+        h = (h * 31 + ch) % 1000003
+    names = sorted(names)
+    return [names[(h + k) % len(names)] for k in range(len(names))]
+
+
+def _orthanc_study_id(patient_id: str, study_uid: str) -> str:
+    """Orthanc's id of a study: SHA-1 of ``PatientID|StudyInstanceUID`` in five groups."""
+    import hashlib
+
+    h = hashlib.sha1(f"{patient_id}|{study_uid}".encode()).hexdigest()
+    return "-".join(h[i : i + 8] for i in range(0, 40, 8))
+
+
+@pytest.mark.timeout(300)
+def test_orthanc_spreads_studies_over_listeners_and_skips_a_dead_one(tmp_path: Path) -> None:
+    """A real Orthanc with the deploy Lua script and three listener entries, the second of
+    which is down: each study goes to the listener its Orthanc id picks, or, when that one is
+    down, to the next; every instance arrives exactly once."""
+    from orthanc import available, running_orthanc
+    from pacs_helpers import chest_cr, free_port, send
+
+    if not available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI needs Orthanc (apt-get install orthanc)")
+        pytest.skip("Orthanc not installed")
+    names = ["dicomcovid-1", "dicomcovid-2", "dicomcovid-3"]
+    images: list = []
+    while len(images) < 8 or sum(first == "dicomcovid-2" for first in _firsts(images, names)) < 2:
+        images.append(chest_cr())  # one-image studies, at least two assigned to the dead one
+    live = [DestinationSCP(ae_title="DICOMCOVID").start() for _ in range(2)]
+    ports = [live[0].port, free_port(), live[1].port]  # dicomcovid-2 listens nowhere
+    by_name = {"dicomcovid-1": live[0], "dicomcovid-3": live[1]}
+    try:
+        with running_orthanc(tmp_path / "orthanc", 0, listeners=ports) as pacs:
+            statuses = send(images, pacs.dicom_port, called="ORTHANC", calling="MODALITY")
+            assert statuses == [0] * len(images)
+            wait_until(
+                lambda: sum(len(d.received) for d in live) >= len(images),
+                120,
+                interval=0.3,
+                what="every study forwarded",
+            )
+            time.sleep(2.0)  # anything forwarded twice would arrive now
+            study_ids = [pacs.study_id(str(ds.StudyInstanceUID)) for ds in images]
+            log = pacs.log()
+    finally:
+        for d in live:
+            d.stop()
+    expected = {
+        str(ds.SOPInstanceUID): next(n for n in _lua_order(sid, names) if n in by_name)
+        for ds, sid in zip(images, study_ids, strict=True)
+    }
+    got = {str(ds.SOPInstanceUID): name for name, d in by_name.items() for ds in d.received}
+    assert sum(d.counts().total() for d in live) == len(images), "an instance arrived twice"
+    assert got == expected
+    dead_first = [sid for sid in study_ids if _lua_order(sid, names)[0] == "dicomcovid-2"]
+    assert len(dead_first) >= 2  # the failover was exercised
+    for sid in dead_first:
+        assert f"dicomcovid-2 did not take study {sid}" in log
+
+
+def _firsts(images: list, names: list[str]) -> list[str]:
+    return [
+        _lua_order(_orthanc_study_id(str(ds.PatientID), str(ds.StudyInstanceUID)), names)[0]
+        for ds in images
+    ]

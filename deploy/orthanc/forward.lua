@@ -13,11 +13,17 @@
 -- becomes stable again, nothing is left to send. dicom-covid itself also recognises and skips
 -- its own results and re-sent instances.
 --
--- If dicom-covid is down the transfer fails, nothing is marked, and the images are sent at the
--- study's next stable event (new images), or by hand:
+-- Several listeners (a multi-node dicom-covid sharing one job store): declare one
+-- DicomModalities entry per listener, each named "dicomcovid" or starting with "dicomcovid-"
+-- ("dicomcovid-1", "dicomcovid-2", ...). Each study goes to one of them, chosen from its
+-- Orthanc id (so the load spreads and a study's images stay together); when that listener
+-- does not take the study, the next one is tried, and so on.
+--
+-- If no listener takes it the transfer fails, nothing is marked, and the images are sent at
+-- the study's next stable event (new images), or by hand:
 --   curl -X POST http://localhost:8042/modalities/dicomcovid/store -d '["<study id>"]'
 
-local MODALITY = 'dicomcovid'                 -- key in "DicomModalities"
+local PREFIX = 'dicomcovid'                   -- "DicomModalities" keys of the listeners
 local FORWARD = { CR = true, DX = true }      -- Modality values to send
 local OWN_PREFIX = 'dicom-covid'              -- Manufacturer prefix of our own results
 local FORWARDED = 'DicomCovidForwarded'       -- user metadata marking sent instances
@@ -39,6 +45,26 @@ local function alreadySent(instanceId)
   return false
 end
 
+-- The listeners, in a fixed order starting at the one this study is assigned to.
+local function listenersFor(studyId)
+  local names = {}
+  for _, name in ipairs(ParseJson(RestApiGet('/modalities')) or {}) do
+    if name == PREFIX or startsWith(name, PREFIX .. '-') then
+      table.insert(names, name)
+    end
+  end
+  table.sort(names)
+  local hash = 0
+  for i = 1, #studyId do
+    hash = (hash * 31 + string.byte(studyId, i)) % 1000003
+  end
+  local ordered = {}
+  for k = 0, #names - 1 do
+    table.insert(ordered, names[(hash + k) % #names + 1])
+  end
+  return ordered
+end
+
 function OnStableStudy(studyId, tags, metadata)
   local toSend = {}
   local series = ParseJson(RestApiGet('/studies/' .. studyId .. '/series'))
@@ -56,14 +82,21 @@ function OnStableStudy(studyId, tags, metadata)
     return
   end
   local request = DumpJson({ Resources = toSend, Synchronous = true }, true)
-  local ok, answer = pcall(RestApiPost, '/modalities/' .. MODALITY .. '/store', request)
-  if ok and answer ~= nil then
-    for _, instanceId in ipairs(toSend) do
-      RestApiPut('/instances/' .. instanceId .. '/metadata/' .. FORWARDED, 'yes')
+  local failures = {}
+  for _, modality in ipairs(listenersFor(studyId)) do
+    local ok, answer = pcall(RestApiPost, '/modalities/' .. modality .. '/store', request)
+    if ok and answer ~= nil then
+      for _, instanceId in ipairs(toSend) do
+        RestApiPut('/instances/' .. instanceId .. '/metadata/' .. FORWARDED, 'yes')
+      end
+      print('dicom-covid: sent ' .. #toSend .. ' instance(s) of study ' .. studyId ..
+            ' to ' .. modality)
+      return
     end
-    print('dicom-covid: sent ' .. #toSend .. ' instance(s) of study ' .. studyId)
-  else
-    print('dicom-covid: sending study ' .. studyId .. ' failed (' .. tostring(answer) ..
-          '); it is sent again at its next stable event')
+    table.insert(failures, modality .. ': ' .. tostring(answer))
+    print('dicom-covid: ' .. modality .. ' did not take study ' .. studyId ..
+          '; trying the next listener')
   end
+  print('dicom-covid: sending study ' .. studyId .. ' failed (' .. table.concat(failures, '; ') ..
+        '); it is sent again at its next stable event')
 end
