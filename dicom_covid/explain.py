@@ -208,7 +208,7 @@ class Explainer:
         """The network's forward pass alone (no probabilities): the preprocessing facts."""
         infos: list[dict] = []
         for i in range(0, len(images), batch_size):
-            prepared = [self.predictor.prepared(im) for im in images[i : i + batch_size]]
+            prepared = self.predictor.prepared_batch(images[i : i + batch_size])
             x = self.predictor.to_device(torch.stack([p[0] for p in prepared]))
             with self.predictor.autocast():
                 self.predictor.model(x)

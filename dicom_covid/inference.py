@@ -284,10 +284,20 @@ class Predictor:
         BundleError
             For an ensemble: each member has its own input (see :attr:`members`).
         """
+        return self.prepared_batch([image])[0]
+
+    def prepared_batch(self, images: Sequence[XrayImage]) -> list[tuple[torch.Tensor, dict]]:
+        """:meth:`prepared` for several images (the lung U-Net of the pipeline runs once).
+
+        Raises
+        ------
+        BundleError
+            For an ensemble: each member has its own input (see :attr:`members`).
+        """
         if self.is_ensemble:
             raise BundleError(self._no_single_network("input tensor"))
-        img, info = self.preprocessing(image.pixels)
-        return self._normalize(img), info
+        batch = self.preprocessing.batch([image.pixels for image in images])
+        return [(self._normalize(img), info) for img, info in batch]
 
     @torch.no_grad()
     def analyse(
@@ -328,8 +338,7 @@ class Predictor:
         #: Penultimate features of the images of the last :meth:`analyse` call, per batch.
         self.last_features: list[np.ndarray] = []
         for i in range(0, len(images), batch_size):
-            chunk = images[i : i + batch_size]
-            prepared = [self.prepared(im) for im in chunk]
+            prepared = self.prepared_batch(images[i : i + batch_size])
             x = self.to_device(torch.stack([p[0] for p in prepared]))
             self._features.clear()
             with self.autocast():
@@ -357,11 +366,13 @@ class Predictor:
         self.last_infos = infos
         return probs, infos
 
-    def _lung_fraction(self, image: XrayImage) -> float | None:
-        """Lung share of the image by the bundle's U-Net (for models that do not crop).
+    def _lung_fractions(
+        self, images: Sequence[XrayImage], batch_size: int = 16
+    ) -> list[float | None]:
+        """Lung share of each image by the bundle's U-Net (for models that do not crop).
 
-        None when the bundle has no lung segmenter: the ``no_lung_fields`` check is then
-        skipped (logged once).
+        One U-Net forward pass per ``batch_size`` images. None for every image when the bundle
+        has no lung segmenter: the ``no_lung_fields`` check is then skipped (logged once).
         """
         if self._segmenter is None:
             from .lungs.segmenter import LungSegmenter
@@ -372,17 +383,23 @@ class Predictor:
                 logger.warning("lung-field check off for %s: %s", self.facts.name, exc)
                 self._segmenter = False
         if self._segmenter is False:
-            return None
-        return self._segmenter.lung_fraction(image)
+            return [None] * len(images)
+        out: list[float | None] = []
+        for i in range(0, len(images), max(1, batch_size)):
+            out.extend(self._segmenter.lung_fractions(images[i : i + batch_size]))
+        return out
 
     def predict_batch(self, images: Sequence[XrayImage], batch_size: int = 16) -> list[Prediction]:
         """Classify images, each with its abstention decision."""
         probs, infos = self.analyse(images, batch_size)
+        lungs = [info.get("lung_fraction") for info in infos]
+        missing = [i for i, lung in enumerate(lungs) if lung is None]
+        if missing and "no_lung_fields" in self.abstention.checks:
+            found = self._lung_fractions([images[i] for i in missing], batch_size)
+            for i, lung in zip(missing, found, strict=True):
+                lungs[i] = lung
         out = []
-        for image, p, info in zip(images, probs, infos, strict=True):
-            lung = info.get("lung_fraction")
-            if lung is None and "no_lung_fields" in self.abstention.checks:
-                lung = self._lung_fraction(image)
+        for image, p, info, lung in zip(images, probs, infos, lungs, strict=True):
             ratio = info.get("ood_ratio")
             score = float(p[self._covid])
             reasons = self.abstention.reasons(

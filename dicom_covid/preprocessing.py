@@ -21,6 +21,11 @@ In ``lung_crop_clahe`` either step may be switched off by setting its entry to `
 (``dicom-covid crossval run --without lung_crop|clahe``) train and ship such models. Without the
 lung crop nothing is segmented and the facts below are empty.
 
+For a batch (:meth:`Preprocessing.batch`, used by :class:`~dicom_covid.inference.Predictor`)
+the lung U-Net runs once over all images of the batch, at the size it was trained for
+(``input_size`` of its facts: 128 px, from the 224-px base image); CLAHE runs with OpenCV on the
+network-size image, the pipeline's last step.
+
 Both return a ``(1, S, S)`` float tensor in ``[0, 1]`` and a dict of facts about the step
 (``lung_fraction``, ``lung_crop``, ``lung_box``), which feeds the out-of-distribution checks of
 :mod:`dicom_covid.abstention`. Normalisation to the backbone's mean and std follows
@@ -29,7 +34,7 @@ Both return a ``(1, S, S)`` float tensor in ``[0, 1]`` and a dict of facts about
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,13 +153,31 @@ class Preprocessing:
         Returns ``(None, fraction)`` when the lung fields cover less than ``min_lung_fraction``
         of the image (no plausible lungs: the whole image is kept).
         """
-        from .lungs.segmenter import postprocess
+        return self.lung_boxes([base])[0]
 
+    def lung_boxes(
+        self, bases: Sequence[torch.Tensor]
+    ) -> list[tuple[tuple[int, int, int, int] | None, float]]:
+        """:meth:`lung_box` of several base images, with one U-Net forward pass for all.
+
+        Parameters
+        ----------
+        bases : sequence of torch.Tensor
+            ``(1, base_size, base_size)`` images (the pipeline's first resize).
+
+        Returns
+        -------
+        list of tuple
+            Per image, the box (or None) and the lung fraction, as :meth:`lung_box` gives them.
+        """
         seg = self._lungs()
-        prob = seg.probability(base[0].numpy())
-        mask = postprocess(
-            prob, seg.threshold, seg.keep_components, seg.min_component_fraction, seg.fill_holes
-        )
+        probs = seg.probabilities([base[0] for base in bases])
+        return [self._box(base, seg.clean(prob)) for base, prob in zip(bases, probs, strict=True)]
+
+    def _box(
+        self, base: torch.Tensor, mask: np.ndarray
+    ) -> tuple[tuple[int, int, int, int] | None, float]:
+        """The lung box in ``base`` from the U-Net's post-processed ``mask``, and its area."""
         fraction = float(mask.mean())
         if fraction < self.min_lung_fraction:
             return None, fraction
@@ -174,10 +197,28 @@ class Preprocessing:
 
     def __call__(self, pixels: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Network input before normalisation, ``(1, S, S)`` in ``[0, 1]``, and step facts."""
-        img, info = self.geometric(pixels)
-        if self.applies_clahe:
-            img = clahe(img, self.clip_limit, self.tile_grid)
-        return img, info
+        return self.batch([pixels])[0]
+
+    def batch(
+        self, images: Sequence[np.ndarray | torch.Tensor]
+    ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """The pipeline for several images; the lung U-Net runs once over all of them.
+
+        Parameters
+        ----------
+        images : sequence of array
+            ``(H, W)`` pixels in ``[0, 1]`` (sizes may differ).
+
+        Returns
+        -------
+        list of tuple
+            Per image, what :meth:`__call__` gives for it (the U-Net is in eval mode, so an
+            image's lung box does not depend on the other images).
+        """
+        out = self.geometric_batch(images)
+        if self.applies_clahe:  # OpenCV, on the network-size image (the last step)
+            out = [(clahe(img, self.clip_limit, self.tile_grid), info) for img, info in out]
+        return out
 
     def geometric(self, pixels: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """The pipeline up to its intensity standardisation: resizing and cropping only.
@@ -191,12 +232,24 @@ class Preprocessing:
         tuple
             ``(1, S, S)`` tensor in ``[0, 1]`` and the step facts (lung fraction and box).
         """
+        return self.geometric_batch([pixels])[0]
+
+    def geometric_batch(
+        self, images: Sequence[np.ndarray | torch.Tensor]
+    ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """:meth:`geometric` for several images, with one U-Net forward pass for all of them."""
         if self.pipeline == "resize":
-            return self._resize(pixels), {}
-        base = self._base(pixels)
+            return [(self._resize(pixels), {}) for pixels in images]
+        bases = [self._base(pixels) for pixels in images]
         if not self.crops_lungs:
-            return self._resize(base), {}
-        box, fraction = self.lung_box(base)
+            return [(self._resize(base), {}) for base in bases]
+        found = self.lung_boxes(bases)
+        return [self._crop(base, *box) for base, box in zip(bases, found, strict=True)]
+
+    def _crop(
+        self, base: torch.Tensor, box: tuple[int, int, int, int] | None, fraction: float
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The lung crop of a base image resized to the input size, and the step facts."""
         info: dict[str, Any] = {"lung_fraction": round(fraction, 4), "lung_crop": box is not None}
         if box is not None:
             t, b, left, r = box

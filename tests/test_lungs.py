@@ -420,3 +420,33 @@ def test_shipped_segmenter_dice(cxr_data: Path) -> None:
         measured = dice(seg.mask(case.pixels), case.mask)
         assert measured >= recorded[case.row.extra["path"]] - 0.01, case.row.extra["path"]
     assert ROOT.joinpath("monai_bundle", "models", "lung_unet.json").is_file()
+
+
+def test_shipped_segmenter_batches_as_it_runs_one_by_one(sample_dir: Path) -> None:
+    """One U-Net pass over images of different sizes gives each one its own map (eval mode),
+    and the lung-crop pipeline in a batch gives each image the input it gets alone."""
+    from dicom_covid.preprocessing import Preprocessing
+
+    seg = _shipped()
+    images = [
+        read_image(sample_dir / name)
+        for name in ("chest_cr_mono1.dcm", "covid19_cr_pa.dcm", "pneumonia_cr_pa.dcm")
+    ]
+    images.append(type(images[0])(pixels=images[0].pixels[::3, ::2], source="x", format="png"))
+    together = seg.probabilities([im.pixels for im in images])
+    assert together.shape == (len(images), seg.input_size, seg.input_size)
+    for image, prob in zip(images, together, strict=True):
+        assert np.abs(prob - seg.probability(image.pixels)).max() < 1e-5
+    assert seg.lung_fractions(images) == pytest.approx([seg.lung_fraction(im) for im in images])
+    assert seg.probabilities([]).shape == (0, seg.input_size, seg.input_size)
+    spec = {
+        "pipeline": "lung_crop_clahe",
+        "base_size": 224,
+        "lung_crop": {"margin": 0.08, "min_lung_fraction": 0.08},
+        "clahe": {"clip_limit": 2.0, "tile_grid": 8},
+    }
+    pre = Preprocessing(192, spec, segmenter=seg)
+    for (x, info), image in zip(pre.batch([im.pixels for im in images]), images, strict=True):
+        alone, alone_info = pre(image.pixels)
+        assert info == alone_info and info["lung_crop"]
+        assert np.array_equal(x.numpy(), alone.numpy())

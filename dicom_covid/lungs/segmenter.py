@@ -19,7 +19,7 @@ the training code nor matplotlib.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -202,10 +202,51 @@ class LungSegmenter:
         self.weights = weights
 
     @torch.no_grad()
-    def probability(self, pixels: np.ndarray) -> np.ndarray:
+    def probabilities(self, images: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
+        """P(lung) at the network resolution for several images, in one forward pass.
+
+        Parameters
+        ----------
+        images : sequence of array
+            ``(H, W)`` pixels in ``[0, 1]`` (sizes may differ: each is resized to the network's
+            input size on its own).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``float32 (N, S, S)``. The network runs in eval mode (batch norm with its stored
+            statistics), so an image's map does not depend on the others in the batch.
+        """
+        if not len(images):
+            return np.zeros((0, self.input_size, self.input_size), dtype=np.float32)
+        resize = ResizeSquare(self.input_size)
+        x = torch.stack([resize(pixels) for pixels in images]).to(self.device)
+        return torch.sigmoid(self.model(_zscore(x)))[:, 0].float().cpu().numpy()
+
+    def probability(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         """P(lung) at the network resolution, ``float32 (S, S)``, for ``(H, W)`` pixels."""
-        x = ResizeSquare(self.input_size)(pixels)[None].to(self.device)
-        return torch.sigmoid(self.model(_zscore(x)))[0, 0].float().cpu().numpy()
+        return self.probabilities([pixels])[0]
+
+    def clean(self, prob: np.ndarray) -> np.ndarray:
+        """The post-processed mask of a probability map (:func:`postprocess`, the facts' values)."""
+        return postprocess(
+            prob, self.threshold, self.keep_components, self.min_component_fraction, self.fill_holes
+        )
+
+    def lung_fractions(self, images: Sequence[XrayImage | np.ndarray]) -> list[float]:
+        """:meth:`lung_fraction` of several images, with one forward pass for all of them.
+
+        Parameters
+        ----------
+        images : sequence of XrayImage or numpy.ndarray
+            Radiographs, or their ``(H, W)`` pixels in ``[0, 1]``.
+
+        Returns
+        -------
+        list of float
+        """
+        pixels = [np.asarray(getattr(im, "pixels", im), dtype=np.float32) for im in images]
+        return [float(self.clean(prob).mean()) for prob in self.probabilities(pixels)]
 
     def lung_fraction(self, image: XrayImage | np.ndarray) -> float:
         """Share of the image covered by the (post-processed) lung fields, at network size.
@@ -213,15 +254,7 @@ class LungSegmenter:
         Cheap (no resize to the source resolution): used by the abstention check
         ``no_lung_fields`` and by the lung-crop preprocessing.
         """
-        pixels = np.asarray(getattr(image, "pixels", image), dtype=np.float32)
-        mask = postprocess(
-            self.probability(pixels),
-            self.threshold,
-            self.keep_components,
-            self.min_component_fraction,
-            self.fill_holes,
-        )
-        return float(mask.mean())
+        return self.lung_fractions([image])[0]
 
     @torch.no_grad()
     def mask(self, image: XrayImage | np.ndarray) -> np.ndarray:
