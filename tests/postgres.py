@@ -85,10 +85,16 @@ def _as_postgres_user() -> dict:
 
 
 @contextlib.contextmanager
-def running_postgres() -> Iterator[Postgres]:
+def running_postgres(fsync: bool = False) -> Iterator[Postgres]:
     """Start a cluster; stop it and delete its files afterwards.
 
     Skips when PostgreSQL is not installed, and fails instead under ``CI=true``.
+
+    Parameters
+    ----------
+    fsync : bool
+        Flush commits to disk as a production server does (default False: the tests check
+        behaviour, not durability against power loss, and run faster without).
     """
     binaries = bin_dir()
     if binaries is None:
@@ -126,8 +132,8 @@ def running_postgres() -> Iterator[Postgres]:
             **run_as,
         )
         options = (
-            f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c max_connections=200"
+            f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 "
+            f"-c fsync={'on' if fsync else 'off'} -c max_connections=200"
         )
         subprocess.run(
             [
