@@ -11,6 +11,7 @@ import pytest
 from pacs_helpers import basic_sr, chest_cr, ct_slice, lateral_cr
 
 from pacs_listener.config import (
+    ROLES,
     AllowedCaller,
     ConfigError,
     Destination,
@@ -521,3 +522,40 @@ def test_due_deliveries_are_claimed_on_a_shared_store(store: JobStore, tmp_path:
         assert {d.result_id for d in later} == {d.result_id for d in first}
     else:  # one machine, one sender: nothing to claim
         assert len(second) == 4
+
+
+def test_scale_out_settings(tmp_path: Path) -> None:
+    """Roles, the shared store URL, the storage root and the node id, from TOML and checked."""
+    toml = tmp_path / "node.toml"
+    toml.write_text(
+        'job_store = "postgresql://dc@db/dc"\nstorage_root = "shared"\nrole = "listener,sender"\n'
+        'node_id = "node-a"\nlease = 20\n'
+    )
+    c = ServiceConfig.from_mapping(load_toml(toml), root=tmp_path)
+    assert c.store_location == "postgresql://dc@db/dc"
+    assert c.spool_dir == tmp_path / "shared" / "spool"
+    assert c.results_dir == tmp_path / "shared" / "results"
+    assert c.roles == ("listener", "sender") and c.node == "node-a" and c.lease == 20.0
+    one = ServiceConfig(state_dir=tmp_path / "s")  # one machine: nothing changes
+    assert one.store_location == tmp_path / "s" / "jobs.sqlite"
+    assert one.spool_dir == tmp_path / "s" / "spool" and one.roles == ROLES
+    # a default node id is stable for a state folder and differs between two of them
+    assert one.node == ServiceConfig(state_dir=tmp_path / "s").node
+    assert one.node != ServiceConfig(state_dir=tmp_path / "t").node
+    for bad, match in (
+        ({"role": "cook"}, "role 'cook' is not known"),
+        ({"role": ""}, "is not known"),
+        ({"job_store": "mysql://x"}, "must be a postgresql:// URL"),
+        ({"lease": 1.0}, "at least 3 seconds"),
+        ({"node_id": "a/b"}, "must be 1-64 letters"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            ServiceConfig(**bad)
+
+
+def test_a_store_url_password_never_reaches_messages() -> None:
+    from pacs_listener.store import redact_url
+
+    assert redact_url("postgresql://dc:s3cret@db:5432/dc") == "postgresql://dc:***@db:5432/dc"
+    assert redact_url("postgresql://dc@db/dc") == "postgresql://dc@db/dc"
+    assert redact_url(Path("/var/lib/x/jobs.sqlite")) == "/var/lib/x/jobs.sqlite"

@@ -270,3 +270,36 @@ def _firsts(images: list, names: list[str]) -> list[str]:
         _lua_order(_orthanc_study_id(str(ds.PatientID), str(ds.StudyInstanceUID)), names)[0]
         for ds in images
     ]
+
+
+@pytest.mark.timeout(300)
+def test_status_and_retry_work_against_a_shared_store(tmp_path: Path, postgres) -> None:
+    """``status`` and ``retry`` take ``--job-store`` as ``serve`` does; an empty database is
+    refused with a message."""
+    from pacs_listener.config import RetryPolicy
+    from pacs_listener.jobs import ResultFile
+
+    empty = postgres.new_database()
+    out = run_cli("status", "--job-store", empty, "--storage-root", str(tmp_path))
+    assert out.returncode == 1 and "holds no dicom-covid job store" in out.stderr
+    url = postgres.new_database()
+    with JobStore(url, root=tmp_path) as store:
+        store.add_instance("1.2.3.4", "1.2.3", path=tmp_path / "a.dcm", now=0.0)
+        (job,) = store.group_stable_studies(1.0, now=10.0)
+        store.claim_jobs("node-a/worker-1", 1)
+        store.heartbeat("node-a", host="h", pid=1, roles="worker", version="x", started_at=0.0)
+        results = [ResultFile(k, f"9.{k}", "1.2.3", tmp_path / f"{k}.dcm") for k in ("sr", "sc")]
+        store.record_results(job.id, "1.2.3.4", results, ["PACS@127.0.0.1:1"])
+        store.finish_job(job.id)
+        for r in store.due_deliveries(["PACS@127.0.0.1:1"], now=time.time() + 3600):
+            store.delivery_failed(r.result_id, r.target, "refused", RetryPolicy(max_tries=1))
+        assert store.job(job.id).state == "dead"
+    status = run_cli("status", "--job-store", url, "--storage-root", str(tmp_path))
+    assert status.returncode == 0, status.stderr
+    assert "deliveries  pending 0, delivered 0, dead 2" in status.stdout
+    assert "node        node-a (worker; host h, pid 1)" in status.stdout
+    assert "***" not in url and url.split("@")[-1] in status.stdout
+    retry = run_cli("retry", "--job-store", url, "--storage-root", str(tmp_path), "--all-dead")
+    assert retry.returncode == 0 and "re-queued 1 job(s)" in retry.stdout
+    with JobStore(url, root=tmp_path, create=False) as store:
+        assert store.counts()["deliveries"]["pending"] == 2
