@@ -604,11 +604,12 @@ def _overlay_lut(alpha: float) -> np.ndarray:
 
 
 def _levels(values: np.ndarray) -> np.ndarray:
-    """``values`` in ``[0, 1]`` (NaN as 0) as ``uint8`` levels 0..255 (rounded)."""
-    out = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)  # a copy
-    np.clip(out, 0.0, 1.0, out=out)
-    out *= 255.0
-    return np.rint(out, out=out).astype(np.uint8)
+    """``values`` in ``[0, 1]`` (NaN as 0, beyond clipped) as ``uint8`` levels 0..255 (rounded)."""
+    out = np.multiply(values, np.float32(255.0), dtype=np.float32)  # a copy; inf stays inf
+    np.rint(out, out=out)
+    np.clip(out, 0.0, 255.0, out=out)
+    out[np.isnan(out)] = 0.0
+    return out.astype(np.uint8)
 
 
 def overlay(image: XrayImage | np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:

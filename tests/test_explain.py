@@ -205,6 +205,25 @@ def test_overlay_colours_hot_regions_only():
         overlay(image, heat, alpha=2)
 
 
+def test_overlay_is_the_colour_table_looked_up_per_pixel():
+    """The vectorised overlay gives, pixel for pixel, the colour table's entry at (heat level,
+    gray level), the levels rounded from [0, 1] with NaN as 0 and the rest clipped."""
+    from dicom_covid.explain import _overlay_lut
+
+    def level(v: np.ndarray) -> np.ndarray:  # in float32, as the map and the pixels come
+        v = np.clip(np.nan_to_num(v, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+        return np.rint(v * np.float32(255.0)).astype(int)
+
+    rng = np.random.default_rng(3)
+    pixels, heat = rng.random((2, 70, 90), dtype=np.float32)
+    edges = (np.arange(256, dtype=np.float32) + 0.5) / 255  # halfway between two levels
+    heat[0, :] = [np.nan, np.inf, -np.inf, -0.3, 1.7, *edges[:85]]
+    pixels[1, :] = [*np.nextafter(edges[:45], 1), *np.nextafter(edges[45:90], 0)]
+    lut = _overlay_lut(0.45)
+    expected = lut[level(heat), level(pixels)]
+    assert np.array_equal(overlay(pixels, heat, alpha=0.45), expected)
+
+
 # --- one pass: prediction and CAM from the same forward ---------------------------------------
 
 
