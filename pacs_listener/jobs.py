@@ -33,13 +33,24 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import RetryPolicy
 from .states import DeliveryState, InstanceState, JobState
 from .store import LeaseLost, StoreError, open_backend
+from .store.delivery import DeliveryQueries
+from .store.records import (
+    INSTANCE_STATES,
+    JOB_STATES,
+    RESULTS_TO_WRITE,
+    STAGES,
+    Delivery,
+    Instance,
+    Job,
+    Node,
+    ResultFile,
+)
+from .store.reports import ReportQueries
 
 __all__ = [
     "INSTANCE_STATES",
@@ -60,136 +71,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Instance states, in pipeline order, then the terminal side states.
-INSTANCE_STATES = tuple(InstanceState)
-#: Job states.
-JOB_STATES = tuple(JobState)
-#: Instance states whose results are still to be written (their disk space is reserved).
-_RESULTS_TO_WRITE = ("received", "grouped", "inferred")
 
-#: Stages of a job whose durations ``serve --metrics-port`` reports as histograms: SQL of the
-#: seconds each took (``j`` is the jobs row; NULL while the stage is not finished).
-STAGES = {
-    # first image received -> study grouped into a job (the quiet period and the arrivals)
-    "grouping": "j.created_at - (SELECT MIN(i.received_at) FROM instances i WHERE i.job_id = j.id)",
-    # grouped -> claimed by the worker
-    "queued": "j.started_at - j.created_at",
-    # claimed -> every image analysed and its results written
-    "analysis": "j.finished_at - j.started_at",
-    # results written -> the last result confirmed by every destination
-    "delivery": "j.delivered_at - j.finished_at",
-    # first image received -> every result delivered
-    "end_to_end": "j.delivered_at - (SELECT MIN(i.received_at) FROM instances i "
-    "WHERE i.job_id = j.id)",
-}
-
-
-@dataclass(frozen=True)
-class Job:
-    """A study's batch of candidate images.
-
-    Attributes
-    ----------
-    id : int
-    study_instance_uid : str
-    state : JobState
-    attempts : int
-        How many times a worker claimed it.
-    reason : str or None
-    images : int
-        Images left to analyse when :meth:`JobStore.claim_jobs` claimed it (0 otherwise).
-    """
-
-    id: int
-    study_instance_uid: str
-    state: JobState
-    attempts: int = 0
-    reason: str | None = None
-    images: int = 0
-
-
-@dataclass(frozen=True)
-class Instance:
-    """One received SOP Instance (no patient data is stored, only UIDs and the file path)."""
-
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    sop_class_uid: str
-    state: InstanceState
-    path: Path | None
-    reason: str | None
-    job_id: int | None
-    reserve_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class ResultFile:
-    """A result object written by the worker, ready for delivery.
-
-    Attributes
-    ----------
-    kind : str
-        ``"sr"`` or ``"sc"``.
-    sop_instance_uid, study_instance_uid : str
-        UIDs of the result object.
-    path : pathlib.Path
-        The DICOM file.
-    """
-
-    kind: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    path: Path
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One result due for one target."""
-
-    result_id: int
-    target: str
-    tries: int
-    job_id: int
-    kind: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    path: Path
-
-
-@dataclass(frozen=True)
-class Node:
-    """One ``serve`` process using the store, as its last heartbeat recorded it.
-
-    Attributes
-    ----------
-    node_id : str
-        The node's name (``[node] id``; its workers claim jobs as ``<node_id>/worker-<pid>``).
-    host : str
-        Host name of the machine.
-    pid : int
-        Process id of the service.
-    roles : str
-        Comma-separated roles it runs (``listener``, ``worker``, ``sender``).
-    version : str
-        dicom-covid version.
-    started_at, heartbeat_at : float
-        Start and last heartbeat (seconds since the epoch).
-    leases : int
-        Jobs its workers hold now.
-    """
-
-    node_id: str
-    host: str
-    pid: int
-    roles: str
-    version: str
-    started_at: float
-    heartbeat_at: float
-    leases: int = 0
-
-
-class JobStore:
+class JobStore(DeliveryQueries, ReportQueries):
     """The job store: every query and state change of the pipeline, on either backend.
 
     Parameters
@@ -374,8 +257,8 @@ class JobStore:
             self._con()
             .execute(
                 "SELECT COALESCE(SUM(reserve_bytes), 0) FROM instances WHERE state IN "
-                f"({','.join('?' * len(_RESULTS_TO_WRITE))})",
-                _RESULTS_TO_WRITE,
+                f"({','.join('?' * len(RESULTS_TO_WRITE))})",
+                RESULTS_TO_WRITE,
             )
             .fetchone()
         )
@@ -833,179 +716,6 @@ class JobStore:
             logger.info("%d unfinished job(s) will resume", len(released))
         return len(released)
 
-    # -- delivery ----------------------------------------------------------------------------
-
-    def due_deliveries(
-        self, targets: Sequence[str], now: float | None = None, limit: int = 100
-    ) -> list[Delivery]:
-        """Pending deliveries to the given targets whose next try is due.
-
-        On a shared store the deliveries returned are also claimed: their next try moves
-        :attr:`lease` seconds ahead, so another node's sender does not send them at the same
-        time (and does, after the lease, if this one dies before it records the outcome).
-        """
-        if not targets:
-            return []
-        now = time.time() if now is None else now
-        sql = (
-            "SELECT d.result_id, d.target, d.tries, r.job_id, r.kind, r.sop_instance_uid, "
-            "r.study_instance_uid, r.path "
-            "FROM deliveries d JOIN results r ON r.id = d.result_id "
-            "WHERE d.state = 'pending' AND d.next_attempt_at <= ? "
-            f"AND d.target IN ({','.join('?' * len(targets))}) "
-            "ORDER BY d.next_attempt_at, d.result_id LIMIT ?"
-        )
-        if not self.shared:
-            rows = self._con().execute(sql, [now, *targets, limit]).fetchall()
-        else:
-            with self._tx() as con:
-                rows = con.execute(
-                    sql + " FOR UPDATE OF d SKIP LOCKED", [now, *targets, limit]
-                ).fetchall()
-                for r in rows:
-                    con.execute(
-                        "UPDATE deliveries SET next_attempt_at = ? "
-                        "WHERE result_id = ? AND target = ?",
-                        (now + self.lease, r["result_id"], r["target"]),
-                    )
-        return [
-            Delivery(
-                r["result_id"],
-                r["target"],
-                r["tries"],
-                r["job_id"],
-                r["kind"],
-                r["sop_instance_uid"],
-                r["study_instance_uid"],
-                self._abs(r["path"]),
-            )
-            for r in rows
-        ]
-
-    def next_due(self, targets: Sequence[str]) -> float | None:
-        """Time of the earliest pending delivery to these targets, or None."""
-        if not targets:
-            return None
-        row = (
-            self._con()
-            .execute(
-                "SELECT MIN(next_attempt_at) FROM deliveries WHERE state = 'pending' AND target IN "
-                f"({','.join('?' * len(targets))})",
-                list(targets),
-            )
-            .fetchone()
-        )
-        return row[0]
-
-    def delivery_succeeded(self, result_id: int, target: str, now: float | None = None) -> str:
-        """Mark one (result, target) delivered; return the job's new state."""
-        now = time.time() if now is None else now
-        with self._tx() as con:
-            con.execute(
-                "UPDATE deliveries SET state = 'delivered', delivered_at = ?, tries = tries + 1, "
-                "last_error = NULL WHERE result_id = ? AND target = ?",
-                (now, result_id, target),
-            )
-            job_id = con.execute(
-                "SELECT job_id FROM results WHERE id = ?", (result_id,)
-            ).fetchone()[0]
-            return self._refresh_job(con, job_id, now)
-
-    def delivery_failed(
-        self, result_id: int, target: str, error: str, policy: RetryPolicy, now: float | None = None
-    ) -> str:
-        """Count a failed try; schedule the next one or dead-letter. Return the delivery state."""
-        now = time.time() if now is None else now
-        with self._tx() as con:
-            row = con.execute(
-                "SELECT d.tries, r.job_id FROM deliveries d JOIN results r ON r.id = d.result_id "
-                "WHERE d.result_id = ? AND d.target = ?",
-                (result_id, target),
-            ).fetchone()
-            tries = row["tries"] + 1
-            state = "dead" if tries >= policy.max_tries else "pending"
-            con.execute(
-                "UPDATE deliveries SET state = ?, tries = ?, last_error = ?, next_attempt_at = ? "
-                "WHERE result_id = ? AND target = ?",
-                (state, tries, error[:500], now + policy.delay(tries), result_id, target),
-            )
-            self._refresh_job(con, row["job_id"], now)
-        return state
-
-    def delivery_postponed(
-        self, result_id: int, target: str, error: str, delay: float, now: float | None = None
-    ) -> None:
-        """Try a delivery again after ``delay`` seconds without counting a try (the output
-        folder's disk is full: that says nothing about the result, so it is never
-        dead-lettered for it)."""
-        now = time.time() if now is None else now
-        with self._tx() as con:
-            con.execute(
-                "UPDATE deliveries SET last_error = ?, next_attempt_at = ? "
-                "WHERE result_id = ? AND target = ? AND state = 'pending'",
-                (error[:500], now + delay, result_id, target),
-            )
-
-    def _refresh_job(self, con: Any, job_id: int, now: float) -> str:
-        """Derive a finished job's state from its deliveries."""
-        job = con.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if job is None or job["state"] in ("grouped", "running", "waiting_for_disk", "failed"):
-            return job["state"] if job else "unknown"
-        counts = dict(
-            con.execute(
-                "SELECT d.state, COUNT(*) FROM deliveries d JOIN results r ON r.id = d.result_id "
-                "WHERE r.job_id = ? GROUP BY d.state",
-                (job_id,),
-            ).fetchall()
-        )
-        if counts.get("pending"):
-            state, reason = "results_written", None
-        elif counts.get("dead"):
-            errors = [
-                r[0]
-                for r in con.execute(
-                    "SELECT DISTINCT d.target || ': ' || COALESCE(d.last_error, '') "
-                    "FROM deliveries d JOIN results r ON r.id = d.result_id "
-                    "WHERE r.job_id = ? AND d.state = 'dead'",
-                    (job_id,),
-                )
-            ]
-            state, reason = "dead", "delivery_failed: " + "; ".join(errors)
-        else:
-            state, reason = "delivered", None
-        if state != job["state"]:
-            con.execute(
-                "UPDATE jobs SET state = ?, reason = ?, updated_at = ?, delivered_at = "
-                "CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END WHERE id = ?",
-                (state, reason, now, state, now, job_id),
-            )
-            inst_state = {
-                "results_written": "results_written",
-                "dead": "dead",
-                "delivered": "delivered",
-            }[state]
-            con.execute(
-                "UPDATE instances SET state = ?, updated_at = ? WHERE job_id = ? AND state IN "
-                "('results_written', 'delivered', 'dead')",
-                (inst_state, now, job_id),
-            )
-        return state
-
-    def job_timings(self, job_id: int) -> dict[str, float | None]:
-        """Seconds spent waiting, analysing and delivering (None when not reached)."""
-        r = self._con().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if r is None:
-            return {}
-
-        def span(a: str, b: str) -> float | None:
-            return round(r[b] - r[a], 3) if r[a] is not None and r[b] is not None else None
-
-        return {
-            "queued_s": span("created_at", "started_at"),
-            "analysis_s": span("started_at", "finished_at"),
-            "delivery_s": span("finished_at", "delivered_at"),
-        }
-
     # -- operations --------------------------------------------------------------------------
 
     def requeue(
@@ -1065,207 +775,6 @@ class JobStore:
         if n:
             logger.info("re-queued %d job(s)", n)
         return n
-
-    def counts(self, now: float | None = None) -> dict:
-        """Counts per state and the backlog, for ``dicom-covid status``."""
-        now = time.time() if now is None else now
-        con = self._con()
-
-        def by_state(sql: str, states: Sequence[str]) -> dict[str, int]:
-            found = dict(con.execute(sql).fetchall())
-            return {s: int(found.get(s, 0)) for s in (*states, *sorted(set(found) - set(states)))}
-
-        instances = by_state(
-            "SELECT state, COUNT(*) FROM instances GROUP BY state", INSTANCE_STATES
-        )
-        jobs = by_state("SELECT state, COUNT(*) FROM jobs GROUP BY state", JOB_STATES)
-        deliveries = by_state(
-            "SELECT state, COUNT(*) FROM deliveries GROUP BY state",
-            ("pending", "delivered", "dead"),
-        )
-        per_target = {
-            r[0]: {"pending": int(r[1]), "dead": int(r[2]), "delivered": int(r[3])}
-            for r in con.execute(
-                "SELECT target, "
-                + ", ".join(
-                    f"SUM(CASE WHEN state = '{s}' THEN 1 ELSE 0 END)"
-                    for s in ("pending", "dead", "delivered")
-                )
-                + " FROM deliveries GROUP BY target ORDER BY target"
-            )
-        }
-        oldest = con.execute(
-            "SELECT MIN(r.created_at) FROM deliveries d JOIN results r ON r.id = d.result_id "
-            "WHERE d.state = 'pending'"
-        ).fetchone()[0]
-        duplicates = con.execute("SELECT COALESCE(SUM(duplicates), 0) FROM instances").fetchone()[0]
-        disk = con.execute(
-            "SELECT COUNT(*), MIN(not_before), MAX(disk_waits) FROM jobs "
-            "WHERE state = 'waiting_for_disk'"
-        ).fetchone()
-        skipped = dict(
-            con.execute(
-                "SELECT reason, COUNT(*) FROM instances WHERE state = 'skipped' GROUP BY reason"
-            ).fetchall()
-        )
-        return {
-            "instances": instances,
-            "jobs": jobs,
-            "deliveries": deliveries,
-            "targets": per_target,
-            "skipped_reasons": skipped,
-            "duplicates": int(duplicates),
-            "backlog": {
-                "instances_waiting_for_quiet_period": instances["received"],
-                "jobs_waiting_for_worker": jobs["grouped"] + jobs["running"],
-                "jobs_waiting_for_disk": int(disk[0]),
-                "next_disk_retry_in_s": round(max(0.0, disk[1] - now), 1) if disk[0] else None,
-                "disk_waits": int(disk[2] or 0),
-                "result_bytes_reserved": self.pending_result_bytes(),
-                "deliveries_pending": deliveries["pending"],
-                "oldest_pending_delivery_age_s": round(now - oldest, 1) if oldest else None,
-            },
-        }
-
-    def metrics(self, buckets: Sequence[float], now: float | None = None) -> dict:
-        """Everything ``serve --metrics-port`` exports, read in one transaction.
-
-        The counts come from the store, which the listener, the worker process and the sender
-        all write, so they are right whichever process did the work and survive restarts.
-
-        Parameters
-        ----------
-        buckets : sequence of float
-            Upper bounds (seconds, increasing) of the stage-duration histograms.
-        now : float, optional
-            Current time (default: now).
-
-        Returns
-        -------
-        dict
-            ``instances`` (per state), ``skipped_reasons``, ``jobs`` (per state), ``deliveries``
-            (per target, per state), ``analysed`` (images with results), ``outcomes`` (per
-            outcome; ``unknown`` for results recorded before outcomes were), ``duplicates``,
-            ``result_bytes_reserved``, ``oldest_pending_delivery_age_s`` and ``stages``
-            (per stage of :data:`STAGES`: cumulative bucket counts, count, sum).
-        """
-        now = time.time() if now is None else now
-        bounds = [float(b) for b in buckets]
-        con = self._con()
-        with self.backend.snapshot(con):  # one consistent state for every query
-            instances = {s: 0 for s in INSTANCE_STATES}
-            instances.update(con.execute("SELECT state, COUNT(*) FROM instances GROUP BY state"))
-            jobs = {s: 0 for s in JOB_STATES}
-            jobs.update(con.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
-            skipped = dict(
-                con.execute(
-                    "SELECT COALESCE(reason, 'unknown'), COUNT(*) FROM instances "
-                    "WHERE state = 'skipped' GROUP BY 1"
-                ).fetchall()
-            )
-            deliveries: dict[str, dict[str, int]] = {}
-            for target, state, n in con.execute(
-                "SELECT target, state, COUNT(*) FROM deliveries GROUP BY target, state"
-            ):
-                per = deliveries.setdefault(target, {"pending": 0, "delivered": 0, "dead": 0})
-                per[state] = int(n)
-            analysed = con.execute(
-                "SELECT COUNT(DISTINCT source_sop_instance_uid) FROM results"
-            ).fetchone()[0]
-            outcomes = dict(
-                con.execute(
-                    "SELECT COALESCE(outcome, 'unknown'), COUNT(*) FROM results "
-                    "WHERE kind = 'sr' GROUP BY 1"
-                ).fetchall()
-            )
-            duplicates = con.execute(
-                "SELECT COALESCE(SUM(duplicates), 0) FROM instances"
-            ).fetchone()[0]
-            reserved = con.execute(
-                "SELECT COALESCE(SUM(reserve_bytes), 0) FROM instances WHERE state IN "
-                f"({','.join('?' * len(_RESULTS_TO_WRITE))})",
-                _RESULTS_TO_WRITE,
-            ).fetchone()[0]
-            oldest = con.execute(
-                "SELECT MIN(r.created_at) FROM deliveries d JOIN results r "
-                "ON r.id = d.result_id WHERE d.state = 'pending'"
-            ).fetchone()[0]
-            stages = {}
-            for stage, expr in STAGES.items():
-                row = con.execute(
-                    "SELECT COUNT(x), COALESCE(SUM(x), 0)"
-                    + "".join(
-                        ", COALESCE(SUM(CASE WHEN x <= ? THEN 1 ELSE 0 END), 0)" for _ in bounds
-                    )
-                    + f" FROM (SELECT CASE WHEN {expr} < 0 THEN 0 ELSE {expr} END AS x "
-                    "FROM jobs j) s WHERE x IS NOT NULL",
-                    bounds,
-                ).fetchone()
-                stages[stage] = {
-                    "count": int(row[0]),
-                    "sum": float(row[1]),
-                    "buckets": [int(v) for v in row[2:]],
-                }
-        return {
-            "instances": {k: int(v) for k, v in instances.items()},
-            "skipped_reasons": {str(k): int(v) for k, v in skipped.items()},
-            "jobs": {k: int(v) for k, v in jobs.items()},
-            "deliveries": deliveries,
-            "analysed": int(analysed),
-            "outcomes": {str(k): int(v) for k, v in outcomes.items()},
-            "duplicates": int(duplicates),
-            "result_bytes_reserved": int(reserved),
-            "oldest_pending_delivery_age_s": max(0.0, now - oldest) if oldest else None,
-            "stages": stages,
-        }
-
-    # -- nodes -------------------------------------------------------------------------------
-
-    def heartbeat(
-        self,
-        node_id: str,
-        *,
-        host: str,
-        pid: int,
-        roles: str,
-        version: str,
-        started_at: float,
-        now: float | None = None,
-    ) -> None:
-        """Record that a node is alive (``status`` shows it; a service beats every few
-        seconds)."""
-        now = time.time() if now is None else now
-        with self._tx() as con:
-            con.execute(
-                "INSERT INTO nodes (node_id, host, pid, roles, version, started_at, heartbeat_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
-                "host = excluded.host, pid = excluded.pid, roles = excluded.roles, "
-                "version = excluded.version, started_at = excluded.started_at, "
-                "heartbeat_at = excluded.heartbeat_at",
-                (node_id, host, int(pid), roles, version, started_at, now),
-            )
-
-    def nodes(self) -> list[Node]:
-        """Every node that ever used the store, most recent heartbeat first, with the jobs
-        its workers hold now."""
-        rows = self._con().execute(
-            "SELECT n.*, (SELECT COUNT(*) FROM jobs j WHERE j.state = 'running' AND "
-            "substr(j.claimed_by, 1, length(n.node_id) + 1) = n.node_id || '/') AS leases "
-            "FROM nodes n ORDER BY n.heartbeat_at DESC, n.node_id"
-        )
-        return [
-            Node(
-                r["node_id"],
-                r["host"],
-                int(r["pid"]),
-                r["roles"],
-                r["version"],
-                float(r["started_at"]),
-                float(r["heartbeat_at"]),
-                int(r["leases"]),
-            )
-            for r in rows
-        ]
 
     def check_writable(self) -> None:
         """Commit a small write (the time of this check in ``meta``), as ``/readyz`` does.
