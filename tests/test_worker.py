@@ -161,3 +161,28 @@ def test_a_batch_across_studies_matches_one_by_one_and_isolates_a_bad_image(
         np.testing.assert_allclose(batched.heatmap, alone.heatmap, atol=1e-4)
         assert written[ds.SOPInstanceUID] == read_sr_result(alone.sr)["decision"]
     store.close()
+
+
+def test_a_worker_whose_lease_was_taken_over_records_nothing(tmp_path: Path, analyse) -> None:
+    """A worker frozen past its lease (another worker took the job over meanwhile) drops its
+    results instead of recording them, so the job is done once, by the new owner."""
+    store, job_id, uids = _queued(tmp_path)
+    store.lease = 5.0
+    (job,) = store.claim_jobs("node-a/worker-1", 8)
+
+    def frozen_then_wakes(ds):  # the new owner claims the job while this worker "sleeps"
+        if not store.jobs(["running"])[0].attempts > 1:
+            (taken,) = store.claim_jobs("node-b/worker-2", 8, now=time.time() + 6.0)
+            assert taken.id == job_id
+        return analyse(ds)
+
+    stale = JobProcessor(
+        store, tmp_path / "results", [], frozen_then_wakes, worker="node-a/worker-1"
+    )
+    assert stale.process_batch([job]) == {job_id: "lost"}
+    assert store.results(job_id) == []
+    assert not [p for p in (tmp_path / "results").rglob("*") if p.is_file()]
+    owner = JobProcessor(store, tmp_path / "results", [], analyse, worker="node-b/worker-2")
+    (mine,) = [j for j in store.jobs(["running"]) if j.id == job_id]
+    assert owner.process_batch([mine]) == {job_id: "delivered"}
+    assert len(store.results(job_id)) == 2 * len(uids)
