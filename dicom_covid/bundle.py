@@ -24,9 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import re
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,25 +407,20 @@ def install_model(
     pathlib.Path
         The installed weights file.
     """
+    from .bundle_writer import BundleWriter
+
     run_dir = Path(run_dir)
-    bundle = Bundle(bundle_root)
+    writer = BundleWriter(bundle_root)
     facts = json.loads((run_dir / "model.json").read_text())
     name = name or facts["backbone"]
-    models = bundle.root / "models"
-    models.mkdir(exist_ok=True)
-    target = models / f"{name}.safetensors"
-    shutil.copyfile(run_dir / "model.safetensors", target)
-    _write_atomic(models / f"{name}.json", json.dumps(facts, indent=2) + "\n")
-    meta_path = bundle.root / "configs" / "metadata.json"
-    meta = json.loads(meta_path.read_text())
-    meta["dicom_covid"]["models"][name] = {
-        "weights": f"models/{name}.safetensors",
-        "facts": f"models/{name}.json",
-    }
-    if make_default:
-        meta["dicom_covid"]["default_model"] = name
-    _write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
-    logger.info("installed %s into %s", name, bundle.root)
+    target = writer.install_file(run_dir / "model.safetensors", f"models/{name}.safetensors")
+    writer.write_json(f"models/{name}.json", facts)
+    writer.register_model(
+        name,
+        {"weights": f"models/{name}.safetensors", "facts": f"models/{name}.json"},
+        make_default=make_default,
+    )
+    logger.info("installed %s into %s", name, writer.root)
     return target
 
 
@@ -544,32 +537,20 @@ def install_ensemble(
         },
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
-    models = bundle.root / "models"
-    models.mkdir(exist_ok=True)
-    target = models / f"{name}.json"
-    _write_atomic(target, json.dumps(facts, indent=2) + "\n")
-    meta_path = bundle.root / "configs" / "metadata.json"
-    meta = json.loads(meta_path.read_text())
-    meta["dicom_covid"]["models"][name] = {
-        "members": list(members),
-        "facts": f"models/{name}.json",
-    }
-    if make_default:
-        meta["dicom_covid"]["default_model"] = name
-    _write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
-    bundle.metadata, bundle._own = meta, meta["dicom_covid"]  # a passed Bundle sees it too
+    from .bundle_writer import BundleWriter
+
+    writer = BundleWriter(bundle)  # a passed Bundle sees the new metadata too
+    target = writer.write_json(f"models/{name}.json", facts)
+    writer.register_model(
+        name, {"members": list(members), "facts": f"models/{name}.json"}, make_default
+    )
     logger.info("installed ensemble %s (%s) into %s", name, ", ".join(members), bundle.root)
     return target
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def set_model_facts(bundle: Bundle, name: str, entries: Mapping[str, object]) -> Path:
-    """Set top-level entries of a single model's facts JSON, atomically.
+    """Set top-level entries of a single model's facts JSON, atomically (see
+    :meth:`dicom_covid.bundle_writer.BundleWriter.update_facts`).
 
     Parameters
     ----------
@@ -589,14 +570,9 @@ def set_model_facts(bundle: Bundle, name: str, entries: Mapping[str, object]) ->
     BundleError
         Unknown model or an ensemble.
     """
-    entry = bundle._own["models"].get(name)
-    if entry is None or "facts" not in entry or bundle.is_ensemble(name):
-        raise BundleError(f"{name!r} is not a single model of the bundle {bundle.root}.")
-    path = bundle.root / entry["facts"]
-    facts = json.loads(path.read_text())
-    facts.update(entries)
-    _write_atomic(path, json.dumps(facts, indent=2) + "\n")
-    return path
+    from .bundle_writer import BundleWriter
+
+    return BundleWriter(bundle).update_facts(name, entries)
 
 
 def backbone_of(name: str, bundle_root: str | Path | None = None) -> str:

@@ -134,8 +134,9 @@ def train_segmenter(
         The facts JSON.
     """
     from monai.losses import DiceCELoss
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
+
+    from ..bundle_writer import fp16_state_dict, save_weights
 
     started = time.time()
     out = Path(output_dir)
@@ -247,12 +248,9 @@ def train_segmenter(
         net.load_state_dict(best_state)
     net.eval()
     # fp16 weights, as shipped; measure what is shipped.
-    state16 = {
-        k: (v.half() if v.is_floating_point() else v).contiguous()
-        for k, v in net.state_dict().items()
-    }
+    state16 = fp16_state_dict(net.state_dict())
     weights = out / "lung_unet.safetensors"
-    save_file(state16, str(weights))
+    save_weights(state16, weights)
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state16.items()})
     net.eval()
 

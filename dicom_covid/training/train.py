@@ -654,7 +654,7 @@ def export_run(
     softmax temperature on the val split (minimum negative log-likelihood over a grid) and chooses
     its threshold on the calibrated probabilities.
     """
-    from safetensors.torch import save_file
+    from ..bundle_writer import fp16_state_dict, save_weights
 
     spec = get_spec(cfg.backbone)
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
@@ -662,7 +662,7 @@ def export_run(
     model.load_state_dict(best["model"])
     model.to(device)
     # Threshold and metrics with the fp16-rounded weights that ship.
-    half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    half = fp16_state_dict(model.state_dict())
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()})
     logits, targets = predict_loader(model, val_loader, device, logits=True)
     parts = recipe_parts(cfg.recipe, cfg.without, cfg.label_smoothing)
@@ -671,7 +671,7 @@ def export_run(
     threshold = choose_threshold(
         (targets == LABELS.index("covid")).astype(int), probs[:, LABELS.index("covid")]
     )
-    save_file({k: v.contiguous().cpu() for k, v in half.items()}, str(out / "model.safetensors"))
+    save_weights(half, out / "model.safetensors")
     facts = {
         "backbone": cfg.backbone,
         "title": spec.title,
