@@ -43,6 +43,10 @@ def _stub_predictor(name: str):
     spec = BACKBONES[name]
     torch.manual_seed(0)
     model = build_model(name, len(LABELS)).eval()
+
+    def prepared(image: XrayImage) -> tuple[torch.Tensor, dict]:
+        return preprocess(image.pixels, spec.input_size, spec.mean, spec.std), {}
+
     return SimpleNamespace(
         model=model,
         labels=LABELS,
@@ -50,10 +54,8 @@ def _stub_predictor(name: str):
         device=torch.device("cpu"),
         to_device=lambda x: x,
         autocast=contextlib.nullcontext,
-        prepared=lambda image: (
-            preprocess(image.pixels, spec.input_size, spec.mean, spec.std),
-            {},
-        ),
+        prepared=prepared,
+        prepared_batch=lambda images: [prepared(image) for image in images],
     )
 
 
