@@ -559,3 +559,26 @@ def test_a_store_url_password_never_reaches_messages() -> None:
     assert redact_url("postgresql://dc:s3cret@db:5432/dc") == "postgresql://dc:***@db:5432/dc"
     assert redact_url("postgresql://dc@db/dc") == "postgresql://dc@db/dc"
     assert redact_url(Path("/var/lib/x/jobs.sqlite")) == "/var/lib/x/jobs.sqlite"
+
+
+def test_postgres_connections_stay_bounded_by_the_threads_alive(postgres_url, tmp_path) -> None:
+    """The listener serves each association in its own thread; connections of ended threads
+    are closed, so a long-running listener never exhausts the server's connections."""
+    import threading
+
+    store = JobStore(postgres_url, root=tmp_path)
+    try:
+        for i in range(30):  # thirty associations, one after the other
+            t = threading.Thread(target=store.add_instance, args=(f"1.2.{i}", "1.2"))
+            t.start()
+            t.join()
+        store.add_instance("1.2.main", "1.2")  # a new connection closes the ended threads' ones
+        assert store.backend.open_connections <= 2
+        con = store._con()
+        n = con.execute(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database()"
+        ).fetchone()[0]
+        assert n <= 3, n
+        assert store.counts()["instances"]["received"] == 31
+    finally:
+        store.close()

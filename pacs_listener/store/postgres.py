@@ -200,7 +200,7 @@ class PostgresBackend:
         self.url = url
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._connections: list[_Connection] = []
+        self._connections: list[tuple[threading.Thread, _Connection]] = []
         try:
             con = self.connection()
             version = self._version(con)
@@ -250,11 +250,17 @@ class PostgresBackend:
             )
 
     def connection(self) -> _Connection:
-        """This thread's connection (opened on first use, autocommit)."""
+        """This thread's connection (opened on first use, autocommit).
+
+        The listener serves each association in a thread of its own: when a thread opens its
+        connection, those of threads that have ended are closed, so the server's connections
+        stay bounded by the threads alive, however many associations came and went.
+        """
         con = getattr(self._local, "con", None)
         if con is None or con.raw.closed:
             import psycopg
 
+            self._close_finished()
             raw = psycopg.connect(
                 self.url, autocommit=True, row_factory=_row_factory, connect_timeout=10
             )
@@ -263,8 +269,23 @@ class PostgresBackend:
             con = _Connection(raw)
             self._local.con = con
             with self._lock:
-                self._connections.append(con)
+                self._connections.append((threading.current_thread(), con))
         return con
+
+    def _close_finished(self) -> None:
+        """Close the connections of threads that have ended."""
+        with self._lock:
+            ended = [(t, c) for t, c in self._connections if not t.is_alive()]
+            self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
+        for _, con in ended:
+            with contextlib.suppress(Exception):
+                con.close()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections this object holds open now."""
+        with self._lock:
+            return sum(not c.raw.closed for _, c in self._connections)
 
     def transaction(self, con: _Connection) -> contextlib.AbstractContextManager:
         """``BEGIN`` (read committed; the claim query locks the rows it takes)."""
@@ -290,7 +311,7 @@ class PostgresBackend:
     def close(self) -> None:
         """Close every connection this object opened."""
         with self._lock:
-            for con in self._connections:
+            for _, con in self._connections:
                 with contextlib.suppress(Exception):
                     con.close()
             self._connections.clear()
