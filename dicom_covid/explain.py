@@ -566,6 +566,11 @@ def _place_reduced(
     curvature within a pixel; on its edges it is the area average of the partly covered pixel.
     """
     cam = np.ascontiguousarray(small, dtype=np.float32)
+    if box is None:  # the whole image: a plain bilinear resize (OpenCV's equals torch's here)
+        import cv2
+
+        heat = cv2.resize(cam, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+        return np.clip(heat, 0.0, 1.0, out=heat)
     t, b, left, r = _box_rows_cols(source, box)
     r0, r1, rf, rcover = _axis_samples(shape[0], source[0] / shape[0], t, b, cam.shape[0])
     c0, c1, cf, ccover = _axis_samples(shape[1], source[1] / shape[1], left, r, cam.shape[1])
