@@ -29,7 +29,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DEFAULT_BUNDLE_DIR
+from .config import (
+    BUNDLE_ENV,
+    CHECKOUT_BUNDLE_DIR,
+    DEFAULT_BUNDLE_DIR,
+    PACKAGED_BUNDLE_DIR,
+    default_bundle_dir,
+)
 from .errors import BundleError
 
 __all__ = [
@@ -109,7 +115,9 @@ class Bundle:
     Parameters
     ----------
     root : path, optional
-        Bundle folder; defaults to the ``monai_bundle/`` shipped with the project.
+        Bundle folder; defaults to :func:`dicom_covid.config.default_bundle_dir`:
+        ``$DICOM_COVID_BUNDLE``, else the checkout's ``monai_bundle/``, else the default model's
+        bundle installed with the package.
 
     Raises
     ------
@@ -118,12 +126,26 @@ class Bundle:
     """
 
     def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root) if root is not None else DEFAULT_BUNDLE_DIR
+        self.root = Path(root) if root is not None else default_bundle_dir()
         meta_path = self.root / "configs" / "metadata.json"
         if not meta_path.is_file():
+            hint = ""
+            if root is None and self.root != DEFAULT_BUNDLE_DIR:
+                hint = (
+                    f" ${BUNDLE_ENV} names it: point ${BUNDLE_ENV} at a bundle folder, or unset "
+                    f"it to use the bundle installed with dicom-covid ({DEFAULT_BUNDLE_DIR})."
+                )
+            elif root is None:
+                hint = (
+                    " This dicom-covid has no bundle of its own: a source checkout keeps it in "
+                    f"{CHECKOUT_BUNDLE_DIR.name}/, a wheel ships the default model in "
+                    f"dicom_covid/{PACKAGED_BUNDLE_DIR.name}/. Set ${BUNDLE_ENV} to a bundle "
+                    "folder, or reinstall dicom-covid from a wheel built with 'python -m build "
+                    "--wheel'."
+                )
             raise BundleError(
                 f"{meta_path}: bundle metadata not found. Pass --bundle pointing at a "
-                "dicom-covid MONAI bundle folder (it holds configs/metadata.json)."
+                f"dicom-covid MONAI bundle folder (it holds configs/metadata.json).{hint}"
             )
         try:
             self.metadata = json.loads(meta_path.read_text())

@@ -10,13 +10,59 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "BUNDLE_ENV",
+    "CHECKOUT_BUNDLE_DIR",
     "DEFAULT_BUNDLE_DIR",
+    "PACKAGED_BUNDLE_DIR",
     "ReaderConfig",
+    "default_bundle_dir",
     "default_data_dir",
 ]
 
-#: The model bundle shipped with the source tree (``monai_bundle/`` next to the packages).
-DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent.parent / "monai_bundle"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+#: Environment variable naming the bundle folder used when none is passed.
+BUNDLE_ENV = "DICOM_COVID_BUNDLE"
+
+#: ``monai_bundle/`` of a source checkout: next to the packages, beside ``pyproject.toml``. The
+#: one source of truth of every model; absent where dicom-covid was installed from a wheel.
+CHECKOUT_BUNDLE_DIR = _PACKAGE_DIR.parent / "monai_bundle"
+
+#: The default model's part of the bundle inside an installed package: ``setup.py`` copies it
+#: from ``monai_bundle/`` when it builds a wheel (facts, weights, the files they reference,
+#: ``configs/``, licence and model card). Absent in a source checkout.
+PACKAGED_BUNDLE_DIR = _PACKAGE_DIR / "_default_bundle"
+
+
+def _is_checkout() -> bool:
+    root = _PACKAGE_DIR.parent
+    return (root / "pyproject.toml").is_file() and (
+        CHECKOUT_BUNDLE_DIR / "configs" / "metadata.json"
+    ).is_file()
+
+
+#: The bundle shipped with this copy of dicom-covid: :data:`CHECKOUT_BUNDLE_DIR` when running
+#: from a source checkout, else :data:`PACKAGED_BUNDLE_DIR`. See :func:`default_bundle_dir` for
+#: the folder used when no bundle is passed.
+DEFAULT_BUNDLE_DIR = CHECKOUT_BUNDLE_DIR if _is_checkout() else PACKAGED_BUNDLE_DIR
+
+
+def default_bundle_dir() -> Path:
+    """Return the bundle folder used when none is passed.
+
+    In this order: ``$DICOM_COVID_BUNDLE`` when set; ``monai_bundle/`` of the source checkout
+    when running from one; the default model's bundle installed inside the package.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder; it may lack ``configs/metadata.json`` (a wrong ``$DICOM_COVID_BUNDLE``, a
+        package built without its bundle), which :class:`dicom_covid.bundle.Bundle` reports.
+    """
+    env = os.environ.get(BUNDLE_ENV)
+    if env:
+        return Path(env)
+    return DEFAULT_BUNDLE_DIR
 
 
 def default_data_dir() -> Path:
