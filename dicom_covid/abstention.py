@@ -124,17 +124,23 @@ class FeatureDensity:
         return np.sqrt(np.maximum(m.min(axis=1), 0.0))
 
     def save(self, path: str | Path) -> None:
-        """Write the statistics as safetensors (float32)."""
-        from safetensors.numpy import save_file
+        """Write the statistics as safetensors (float32), atomically."""
+        from .bundle_writer import atomic_write
 
-        save_file(
+        data = self.to_bytes()
+        atomic_write(path, lambda fh: fh.write(data))
+
+    def to_bytes(self) -> bytes:
+        """The statistics as the bytes of a safetensors file (float32)."""
+        from safetensors.numpy import save
+
+        return save(
             {
                 "mean": self.mean.astype(np.float32),
                 "components": np.ascontiguousarray(self.components, dtype=np.float32),
                 "class_means": self.class_means.astype(np.float32),
                 "precision": np.ascontiguousarray(self.precision, dtype=np.float32),
-            },
-            str(path),
+            }
         )
 
     @classmethod

@@ -58,17 +58,22 @@ def fit(
 ) -> None:
     """Fit the abstention thresholds of a single model (train and val splits only)."""
     setup_logging(verbose)
-    from ..bundle import Bundle, set_model_facts
+    import tempfile
+
+    from ..bundle import Bundle
+    from ..bundle_writer import BundleWriter
     from ..config import default_data_dir
     from ..inference import Predictor
     from ..training.abstention_fit import fit_abstention
 
-    with fail_on_error():
+    with fail_on_error(), tempfile.TemporaryDirectory(prefix="dicom-covid-abstention-") as tmp:
         b = Bundle(bundle)
         predictor = Predictor(b, model, abstention={"enabled": False})
         name = predictor.facts.name
-        target = b.root / "models" / f"{name}.ood.safetensors"
-        out = target if install else Path("runs") / "abstention" / target.name
+        relpath = f"models/{name}.ood.safetensors"
+        target = b.root / relpath
+        # --install: fit into a temporary folder, then copy into the bundle atomically.
+        out = Path(tmp if install else Path("runs") / "abstention") / target.name
         out.parent.mkdir(parents=True, exist_ok=True)
         entry = fit_abstention(
             predictor,
@@ -81,7 +86,9 @@ def fit(
             max_train_per_class=max_train_per_class,
         )
         if install:
-            set_model_facts(b, name, {"abstention": entry})
+            writer = BundleWriter(b)
+            out = writer.install_file(out, relpath)
+            writer.update_facts(name, {"abstention": entry})
     typer.echo(json.dumps(entry, indent=2))
     typer.echo(f"{'installed into' if install else 'statistics in'} {out}")
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from ..bundle import Bundle
 from ..errors import BundleError
 
 __all__ = ["install_segmenter"]
@@ -16,7 +14,15 @@ logger = logging.getLogger(__name__)
 
 def install_segmenter(run_dir: str | Path, bundle_root: str | Path | None = None) -> Path:
     """Copy ``lung_unet.safetensors`` + ``lung_unet.json`` of a run into a bundle and register
-    them as ``dicom_covid.lung_segmenter`` in ``configs/metadata.json``.
+    them as ``dicom_covid.lung_segmenter`` in ``configs/metadata.json`` (atomically, through
+    :class:`~dicom_covid.bundle_writer.BundleWriter`).
+
+    Parameters
+    ----------
+    run_dir : path
+        Output folder of ``dicom-covid lungs train``.
+    bundle_root : path, optional
+        Bundle folder (default: the project's).
 
     Returns
     -------
@@ -28,7 +34,7 @@ def install_segmenter(run_dir: str | Path, bundle_root: str | Path | None = None
     BundleError
         When the run folder lacks the files.
     """
-    import shutil
+    from ..bundle_writer import BundleWriter
 
     run = Path(run_dir)
     src_w, src_f = run / "lung_unet.safetensors", run / "lung_unet.json"
@@ -37,17 +43,11 @@ def install_segmenter(run_dir: str | Path, bundle_root: str | Path | None = None
             f"{run}: lung_unet.safetensors / lung_unet.json not found; run "
             "`dicom-covid lungs train --output-dir DIR` first."
         )
-    bundle = Bundle(bundle_root)
-    models = bundle.root / "models"
-    models.mkdir(exist_ok=True)
-    shutil.copyfile(src_w, models / "lung_unet.safetensors")
-    shutil.copyfile(src_f, models / "lung_unet.json")
-    meta_path = bundle.root / "configs" / "metadata.json"
-    meta = json.loads(meta_path.read_text())  # re-read: others may have changed it
-    meta["dicom_covid"]["lung_segmenter"] = {
-        "weights": "models/lung_unet.safetensors",
-        "facts": "models/lung_unet.json",
-    }
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    logger.info("installed the lung segmenter into %s", bundle.root)
-    return models / "lung_unet.safetensors"
+    writer = BundleWriter(bundle_root)
+    target = writer.install_file(src_w, "models/lung_unet.safetensors")
+    writer.install_file(src_f, "models/lung_unet.json")
+    writer.register_lung_segmenter(
+        {"weights": "models/lung_unet.safetensors", "facts": "models/lung_unet.json"}
+    )
+    logger.info("installed the lung segmenter into %s", writer.root)
+    return target
