@@ -136,10 +136,11 @@ class StoreCollector(Collector):
         with self._lock:
             try:
                 m = self.store().metrics(LATENCY_BUCKETS)
+                nodes = self.store().nodes()
                 up = 1.0
             except (*STORE_ERRORS, OSError) as exc:
                 logger.warning("metrics: the job store cannot be read (%s)", exc)
-                m, up = None, 0.0
+                m, nodes, up = None, [], 0.0
         store_up = GaugeMetricFamily(
             f"{n}_store_up", "1 when the job store could be read for this scrape."
         )
@@ -152,6 +153,25 @@ class StoreCollector(Collector):
         yield scrape
         if m is not None:
             yield from self._from_store(m)
+        if nodes:
+            now = time.time()
+            age = GaugeMetricFamily(
+                f"{n}_node_heartbeat_age_seconds",
+                "Seconds since each node sharing the job store last beat (a node that stopped "
+                "beating is down or cut off).",
+                labels=["node", "roles"],
+            )
+            held = GaugeMetricFamily(
+                f"{n}_node_jobs_held",
+                "Jobs each node's workers hold now (claimed, lease not expired or not yet "
+                "taken over).",
+                labels=["node"],
+            )
+            for node in nodes:
+                age.add_metric([node.node_id, node.roles], max(0.0, now - node.heartbeat_at))
+                held.add_metric([node.node_id], float(node.leases))
+            yield age
+            yield held
 
     def _from_store(self, m: dict[str, Any]) -> Iterator[Metric]:
         n = NAMESPACE

@@ -89,6 +89,11 @@ def test_metrics_and_probes_of_a_live_service(tmp_path: Path, bundle: Path) -> N
 
         m = _scrape(mport)
         assert _value(m, "dicom_covid_model_loaded") == 1
+        # the node this service is (one machine: one node, every role) and its heartbeat
+        (beat,) = [k for k in m if k[0] == "dicom_covid_node_heartbeat_age_seconds"]
+        assert dict(beat[1])["roles"] == "listener,worker,sender"
+        assert 0 <= m[beat] < 60
+        assert _value(m, "dicom_covid_node_jobs_held", node=dict(beat[1])["node"]) == 0
         info = [k for k in m if k[0] == "dicom_covid_model_info"]
         assert len(info) == 1
         labels = dict(info[0][1])
