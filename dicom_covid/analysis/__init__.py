@@ -18,6 +18,9 @@ manifests and metrics through the training package (:mod:`dicom_covid.training.d
 * :mod:`~dicom_covid.analysis.heat_study`: :func:`heat_share_study`,
   :func:`write_heat_share_report` (share of Grad-CAM heat inside the lung fields, ``dicom-covid
   lungs heat-share``).
+* :mod:`~dicom_covid.analysis.galleries`: :func:`may_show` (the licence rule for images in a
+  committed figure), :func:`showable`, :func:`spread`, :func:`pick_by_outcome` (``dicom-covid
+  heatmap --gallery``, ``dicom-covid lungs evaluate --contours``).
 
 Every name is imported on first use, so ``import dicom_covid.analysis`` loads neither torch nor
 matplotlib. RESEARCH USE ONLY.
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
         load_predictions,
         to_json_ready,
     )
+    from .galleries import may_show, pick_by_outcome, showable, spread
     from .heat_study import HEAT_SHARE_DEFINITION, heat_share_study, write_heat_share_report
     from .report import write_report
     from .shortcut import ShortcutControl, fit_shortcut
@@ -53,8 +57,12 @@ __all__ = [
     "heat_share_study",
     "load_metrics",
     "load_predictions",
+    "may_show",
+    "pick_by_outcome",
     "plot_comparison",
     "run_tsne",
+    "showable",
+    "spread",
     "to_json_ready",
     "tsne_2d",
     "write_heat_share_report",
@@ -77,6 +85,10 @@ _LAZY = {
     "ShortcutControl": "shortcut",
     "fit_shortcut": "shortcut",
     "HEAT_SHARE_DEFINITION": "heat_study",
+    "may_show": "galleries",
+    "showable": "galleries",
+    "spread": "galleries",
+    "pick_by_outcome": "galleries",
     "heat_share_study": "heat_study",
     "write_heat_share_report": "heat_study",
 }

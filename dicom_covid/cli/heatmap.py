@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
     from ..explain import Explainer
     from ..inference import Prediction, Predictor
-    from ..reader import XrayImage
     from ..training.data import ManifestRow
 
 logger = logging.getLogger(__name__)
@@ -143,55 +142,6 @@ def _write_overlays(
     return written, rejected
 
 
-def _pick_gallery(
-    predictor: Predictor,
-    rows: Sequence[ManifestRow],
-    per_class: int,
-    max_scan: int,
-    seed: int,
-    progress: bool,
-) -> tuple[dict[str, dict[str, list[tuple[XrayImage, np.ndarray, ManifestRow]]]], dict[str, int]]:
-    """Up to ``per_class`` correct and wrong images per true class, scanning a seeded sample."""
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from ..errors import InputRejected
-    from ..reader import read_image
-
-    labels = list(predictor.labels)
-    rng = np.random.default_rng(seed)
-    picks: dict[str, dict[str, list[tuple[XrayImage, np.ndarray, ManifestRow]]]] = {}
-    scanned: dict[str, int] = {}
-    bar = tqdm(total=0, desc="scanning", unit="img", disable=not progress)
-    for label in labels:
-        cands = [r for r in rows if r.label == label]
-        order = rng.permutation(len(cands))[:max_scan]
-        picks[label] = {"correct": [], "wrong": []}
-        scanned[label] = 0
-        bar.total += len(order)
-        for start in range(0, len(order), 8):
-            if all(len(v) >= per_class for v in picks[label].values()):
-                break
-            images, used = [], []
-            for i in order[start : start + 8]:
-                bar.update()
-                try:
-                    images.append(read_image(cands[int(i)].path))
-                    used.append(cands[int(i)])
-                except InputRejected as exc:
-                    logger.warning("gallery: skipped a %s image (%s)", label, exc.reason)
-            scanned[label] += len(images)
-            if not images:
-                continue
-            probs = predictor.probabilities(images)
-            for image, p, row in zip(images, probs, used, strict=True):
-                kind = "correct" if labels[int(np.argmax(p))] == label else "wrong"
-                if len(picks[label][kind]) < per_class:
-                    picks[label][kind].append((image, p, row))
-    bar.close()
-    return picks, scanned
-
-
 def _write_gallery(
     predictor: Predictor,
     explainer: Explainer,
@@ -209,11 +159,12 @@ def _write_gallery(
     from matplotlib.figure import Figure
     from PIL import Image
 
+    from ..analysis.galleries import pick_by_outcome
     from ..explain import overlay
     from ..inference import DISCLAIMER
 
     labels = list(predictor.labels)
-    picks, scanned = _pick_gallery(predictor, rows, per_class, max_scan, seed, progress)
+    picks, scanned = pick_by_outcome(predictor, rows, per_class, max_scan, seed, progress)
     credits: list[tuple[str, ManifestRow]] = []
     ncols = 2 * per_class
     fig = Figure(figsize=(2.3 * ncols + 0.6, 2.75 * len(labels) + 1.0))
@@ -270,10 +221,6 @@ def _write_gallery(
     fig.savefig(output, dpi=100)
     _write_credits(output, credits)
     return output
-
-
-#: Licences under which a dataset image may be shown, downscaled, in a committed figure.
-REDISTRIBUTABLE_LICENCES = ("CC BY", "CC BY 3.0", "CC BY 4.0", "CC0", "CC0 1.0", "public domain")
 
 
 def _write_credits(output: Path, credits: Sequence[tuple[str, ManifestRow]]) -> Path:
@@ -396,16 +343,17 @@ def heatmap(
         predictor = Predictor(bundle, model, device=device)
         explainer = Explainer(predictor, method)
         if gallery:
+            from ..analysis.galleries import GALLERY_LICENCE_RULE, showable
             from ..training.data import read_manifest
 
             data_dir = data if data is not None else default_data_dir()
             rows = read_manifest(data_dir, split or None)
             if redistributable:
-                rows = [r for r in rows if r.extra.get("license") in REDISTRIBUTABLE_LICENCES]
+                rows = showable(rows)
                 if not rows:
                     raise typer.BadParameter(
                         "no image of the split has a redistributable licence in the manifest's "
-                        "'license' column",
+                        f"'license' column ({GALLERY_LICENCE_RULE})",
                         param_hint="--redistributable",
                     )
             out = _write_gallery(

@@ -143,14 +143,16 @@ def evaluate(
         int,
         typer.Option(
             min=0,
-            help="Also draw predicted vs reference contours of this many CC BY images "
-            "(downscaled to 256 px, with source credit) into OUTPUT_DIR/lung_contours.png.",
+            help="Also draw predicted vs reference contours of this many images whose licence "
+            "allows publishing them (CC BY, CC0, public domain; downscaled to 256 px, with "
+            "source credit) into OUTPUT_DIR/lung_contours.png.",
         ),
     ] = 0,
     verbose: VerboseOption = False,
 ) -> None:
     """Dice of the bundle's lung segmenter against the reference lung masks of a split."""
     setup_logging(verbose, quiet=not verbose)
+    from ..analysis.galleries import showable, spread
     from ..config import default_data_dir
     from ..lungs.figures import contour_figure
     from ..lungs.reference import ReferenceMasks, evaluate_segmenter
@@ -192,14 +194,8 @@ def evaluate(
             (output_dir / "lung_dice.md").write_text("\n".join(lines))
             typer.echo(f"report: {output_dir / 'lung_dice.md'}")
             if contours:
-                cc_by = [
-                    c
-                    for c in cases_of(data_dir, split, ref)
-                    if c.row.extra.get("license", "").strip().upper().startswith("CC BY")
-                    and "NC" not in c.row.extra.get("license", "").upper()
-                    and "SA" not in c.row.extra.get("license", "").upper()
-                ]
-                picked = cc_by[:: max(1, len(cc_by) // contours)][:contours]
+                shown = showable(cases_of(data_dir, split, ref), row_of=lambda c: c.row)
+                picked = spread(shown, contours)
                 out = contour_figure(segmenter, picked, output_dir / "lung_contours.png")
                 typer.echo(f"contours: {out}")
 
