@@ -392,3 +392,57 @@ def test_every_bundle_write_goes_through_the_writer() -> None:
 )
 def test_installers_write_nothing_themselves(module: str) -> None:
     assert _module_write_sites(module) == {}
+
+
+# --------------------------------------------------------------------------------------------
+# an installer end to end: abstention fit --install (no test covered it before)
+# --------------------------------------------------------------------------------------------
+
+
+def _labelled_folder(root: Path, per_class: int = 3) -> Path:
+    """train and val splits of random 64 px PNGs with a manifest (licence CC0)."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for split in ("train", "val"):
+        for label in ("covid", "normal", "pneumonia"):
+            for i in range(per_class):
+                name = f"images/{split}_{label}_{i}.png"
+                Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8)).save(root / name)
+                rows.append({"path": name, "label": label, "source": "synthetic", "split": split})
+    with (root / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "source", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_abstention_fit_install_writes_the_bundle_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from helpers import make_throwaway_bundle
+    from typer.testing import CliRunner
+
+    from dicom_covid.cli.main import app
+
+    bundle = make_throwaway_bundle(tmp_path / "bundle", backbone="alexnet", input_size=64)
+    data = _labelled_folder(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)  # the command's default output folder (runs/) is relative
+    before = {p: p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
+    args = ["abstention", "fit", "--bundle", str(bundle), "--model", "alexnet"]
+    args += ["--data", str(data), "--max-train-per-class", "10", "--no-progress", "--install"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ood = bundle / "models" / "alexnet.ood.safetensors"
+    assert f"installed into {ood}" in result.output
+    facts = json.loads((bundle / "models" / "alexnet.json").read_text())
+    assert facts["abstention"]["ood"]["file"] == "models/alexnet.ood.safetensors"
+    changed = {p for p in bundle.rglob("*") if p.is_file() and before.get(p) != p.read_bytes()}
+    assert changed == {ood, bundle / "models" / "alexnet.json"}
+    assert not [p for p in bundle.rglob("*") if p.name.endswith(".tmp")]
+    assert not (tmp_path / "runs").exists()  # --install fits in a temporary folder
