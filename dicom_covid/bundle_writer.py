@@ -24,6 +24,7 @@ fp16 weight files (what a training run exports and the bundle ships) are made in
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -114,8 +115,6 @@ def _json_writer(obj: Any) -> Callable[[IO[bytes]], None]:
     """Write ``obj`` as indented JSON plus a newline (the bundle's format), streaming."""
 
     def write(fh: IO[bytes]) -> None:
-        import io
-
         text = io.TextIOWrapper(fh, encoding="utf-8", write_through=True)
         try:
             json.dump(obj, text, indent=2)
