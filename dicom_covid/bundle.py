@@ -251,6 +251,12 @@ class Bundle:
             raise BundleError(
                 f"model {name!r} is not in the bundle {self.root}; available: "
                 f"{', '.join(self.available()) or 'none'}."
+                + (
+                    " This installed copy ships only the default model: pass --bundle with the "
+                    "repository's monai_bundle/ folder (or set $DICOM_COVID_BUNDLE) for the others."
+                    if self.root.resolve() == PACKAGED_BUNDLE_DIR.resolve()
+                    else ""
+                )
             )
         if self.is_ensemble(name):
             if not allow_ensemble:

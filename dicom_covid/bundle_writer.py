@@ -193,6 +193,14 @@ class BundleWriter:
     def __init__(self, bundle: Bundle | str | Path | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.root = self.bundle.root
+        from .config import PACKAGED_BUNDLE_DIR
+
+        if self.root.resolve() == PACKAGED_BUNDLE_DIR.resolve():
+            raise BundleError(
+                f"{self.root} is the copy of the default model inside the installed package; "
+                "it is not changed in place. Give a bundle folder of your own with --bundle "
+                "(e.g. a copy of monai_bundle/ from the repository) or set $DICOM_COVID_BUNDLE."
+            )
         #: Paths written by this writer, in order (what changed in the bundle).
         self.written: list[Path] = []
 

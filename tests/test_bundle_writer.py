@@ -446,3 +446,21 @@ def test_abstention_fit_install_writes_the_bundle_atomically(
     assert changed == {ood, bundle / "models" / "alexnet.json"}
     assert not [p for p in bundle.rglob("*") if p.name.endswith(".tmp")]
     assert not (tmp_path / "runs").exists()  # --install fits in a temporary folder
+
+
+def test_the_installed_default_bundle_is_never_written_in_place(tmp_path, monkeypatch) -> None:
+    """A wheel's copy of the default model lives in site-packages: installs into it are refused
+    with what to do, and asking it for another model says how to reach the others."""
+    from helpers import make_throwaway_bundle
+
+    import dicom_covid.bundle as bundle_module
+    import dicom_covid.config as config_module
+
+    root = make_throwaway_bundle(tmp_path / "bundle")
+    monkeypatch.setattr(config_module, "PACKAGED_BUNDLE_DIR", Path(root))
+    monkeypatch.setattr(bundle_module, "PACKAGED_BUNDLE_DIR", Path(root))
+    with pytest.raises(BundleError, match=r"not changed in place.*--bundle"):
+        BundleWriter(Bundle(root))
+    with pytest.raises(BundleError, match="ships only the default model: pass --bundle"):
+        Bundle(root).facts("no_such_model")
+    BundleWriter(Bundle(ROOT / "monai_bundle"))  # any other bundle is writable

@@ -28,7 +28,8 @@ ModelOption = Annotated[
 BundleOption = Annotated[
     Path | None,
     typer.Option(
-        help="MONAI bundle folder (default: the bundle shipped with dicom-covid).",
+        help="MONAI bundle folder (default: $DICOM_COVID_BUNDLE, else the bundle shipped with "
+        "dicom-covid: the checkout's monai_bundle/, or the default model of an installed wheel).",
         exists=True,
         file_okay=False,
     ),
