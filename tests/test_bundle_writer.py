@@ -263,8 +263,7 @@ NOT_BUNDLE_WRITES = {
     " them with BundleWriter)",
     "training/crossval.py:crossval": "heldout.json in the run folder",
     "training/data.py:CachedImageDataset.__init__": "image cache in the cache folder",
-    "training/train.py:train": "history.json in the run folder",
-    "training/train.py:_atomic_save": "checkpoints in the run folder",
+    "training/engine.py:Engine._save": "checkpoints and history.json in the run folder",
     "training/train.py:export_run": "model.json in the run folder",
 }
 

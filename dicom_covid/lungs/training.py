@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..prediction import DISCLAIMER
+from ..training.engine import Engine
 from ..transforms import ResizeSquare
 from .metrics import _summary
 from .reference import LungCase, ReferenceMasks, _dice_of, reference_cases
@@ -104,7 +105,8 @@ def train_segmenter(
 ) -> Path:
     """Train the lung-field U-Net on the train masks, select on val, measure Dice on test.
 
-    Writes into ``output_dir``: ``checkpoint.pt`` (after every epoch, for ``resume``),
+    The epoch loop is :class:`dicom_covid.training.engine.Engine`. Writes into ``output_dir``:
+    ``checkpoint.pt`` (after every epoch, for ``resume``), ``best.pt`` and ``history.json``,
     ``lung_unet.safetensors`` (fp16, best validation epoch) and ``lung_unet.json`` (facts:
     architecture, input size, post-processing, training data, Dice on val and test, date).
 
@@ -134,7 +136,6 @@ def train_segmenter(
         The facts JSON.
     """
     from monai.losses import DiceCELoss
-    from tqdm.auto import tqdm
 
     from ..bundle_writer import fp16_state_dict, save_weights
 
@@ -163,31 +164,27 @@ def train_segmenter(
     loss_fn = DiceCELoss(sigmoid=True)
     aug = _augmenter(input_size, seed)
     gen = torch.Generator().manual_seed(seed)
-    history: list[dict[str, float]] = []
-    best = {"epoch": -1, "val_dice": -1.0}
-    best_state: dict[str, torch.Tensor] | None = None
-    start_epoch = 0
-    ckpt = out / "checkpoint.pt"
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"])
-        history, best, best_state = state["history"], state["best"], state["best_state"]
-        start_epoch = int(state["epoch"]) + 1
-        aug.set_random_state(seed=seed + start_epoch)
-        logger.info("resumed at epoch %d (best val Dice %.4f)", start_epoch, best["val_dice"])
-
+    engine = Engine(
+        out,
+        net,
+        opt,
+        sched,
+        score_name="val_dice_net_res",
+        checkpoint_name="checkpoint.pt",
+        generators={"data_order": gen, "augment": aug},
+        config={"epochs": epochs, "input_size": input_size, "batch_size": batch_size, "lr": lr},
+        progress=progress,
+        name="lungs",
+    )
+    if resume:
+        engine.resume()
     n = len(train_cases)
-    for epoch in range(start_epoch, epochs):
+
+    def train_epoch(epoch: int, bar: Any) -> dict:
         net.train()
         order = torch.randperm(n, generator=gen)
         total, t0 = 0.0, time.time()
-        bar = tqdm(
-            range(0, n, batch_size), desc=f"lungs epoch {epoch + 1}/{epochs}", disable=not progress
-        )
-        for i in bar:
+        for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
             items = [aug({"image": x_train[j], "mask": y_train[j]}) for j in idx.tolist()]
             xb = torch.stack(
@@ -203,47 +200,26 @@ def train_segmenter(
             value = float(loss.detach())
             total += value * len(idx)
             bar.set_postfix(loss=f"{value:.3f}")
+            bar.update()
         sched.step()
+        return {"loss": total / n, "t0": t0}
+
+    def validate(epoch: int, stats: dict) -> dict:
         net.eval()
         with torch.no_grad():
             pv = torch.sigmoid(net(_zscore(x_val))) >= 0.5
         inter = (pv & (y_val > 0.5)).sum(dim=(1, 2, 3)).float()
         denom = (pv.sum(dim=(1, 2, 3)) + (y_val > 0.5).sum(dim=(1, 2, 3))).float()
-        val_dice = float((2 * inter / denom.clamp_min(1)).mean())
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "loss": total / n,
-                "val_dice_net_res": val_dice,
-                "seconds": time.time() - t0,
-            }
-        )
-        logger.info(
-            "epoch %d/%d loss %.4f val Dice (%dpx, raw) %.4f (%.0fs)",
-            epoch + 1,
-            epochs,
-            total / n,
-            input_size,
-            val_dice,
-            time.time() - t0,
-        )
-        if val_dice > best["val_dice"]:
-            best = {"epoch": epoch + 1, "val_dice": val_dice}
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        torch.save(
-            {
-                "model": net.state_dict(),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-                "gen": gen.get_state(),
-                "history": history,
-                "best": best,
-                "best_state": best_state,
-                "epoch": epoch,
-            },
-            ckpt,
-        )
+        return {
+            "epoch": epoch + 1,
+            "loss": stats["loss"],
+            "val_dice_net_res": float((2 * inter / denom.clamp_min(1)).mean()),
+            "seconds": time.time() - stats["t0"],
+        }
 
+    run = engine.run(epochs, math.ceil(n / batch_size), train_epoch, validate)
+    history = run.history
+    best_state = engine.best_state()
     if best_state is not None:
         net.load_state_dict(best_state)
     net.eval()
@@ -287,7 +263,7 @@ def train_segmenter(
             "n_val": len(val_cases),
             "n_test": len(test_cases),
             "epochs": epochs,
-            "best_epoch": best["epoch"],
+            "best_epoch": run.best_epoch + 1,
             "batch_size": batch_size,
             "optimizer": f"AdamW lr {lr} weight decay 1e-4, cosine decay to 0",
             "loss": "MONAI DiceCELoss(sigmoid=True)",

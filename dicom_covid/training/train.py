@@ -1,9 +1,10 @@
 """Training loop for any registry backbone.
 
 Features: patient-level splits from the manifest, class-balanced loss, chest-X-ray augmentation,
-mixed precision on GPU, a checkpoint every epoch (``last.pt``) and on improvement (``best.pt``),
-``resume``, early stopping on validation macro AUC, seeded runs, and DistributedDataParallel when
-started by ``torchrun`` (gloo on CPU, nccl on GPU).
+mixed precision on GPU, seeded runs, and DistributedDataParallel when started by ``torchrun``
+(gloo on CPU, nccl on GPU). The epoch loop is :class:`dicom_covid.training.engine.Engine`: a
+checkpoint every epoch (``last.pt``) and on improvement (``best.pt``), ``resume``, early stopping
+on validation macro AUC, ``history.json``.
 
 A finished run leaves in its output folder ``model.safetensors`` (fp16 weights of the best epoch)
 and ``model.json`` (backbone, preprocessing, labels, the COVID threshold chosen on the validation
@@ -36,6 +37,7 @@ from ..models import build_model, get_spec
 from ..preprocessing import Preprocessing
 from ..transforms import ChestAugment, SourceScrambleAugment
 from .data import LABELS, CachedImageDataset, balanced_weights, read_manifest, spec_key, subsample
+from .engine import Engine
 from .metrics import choose_threshold, macro_auc
 
 __all__ = [
@@ -512,43 +514,33 @@ def train(cfg: TrainConfig) -> TrainResult:
     scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
     criterion = nn.CrossEntropyLoss(weight=class_weight, label_smoothing=parts.label_smoothing)
 
-    start_epoch, best_auc, best_epoch, bad_epochs, history = 0, -1.0, -1, 0, []
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    if cfg.resume and last_path.is_file():
-        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch = ckpt["epoch"] + 1
-        best_auc, best_epoch = ckpt["best_auc"], ckpt["best_epoch"]
-        bad_epochs, history = ckpt["bad_epochs"], ckpt["history"]
-        torch.set_rng_state(ckpt["torch_rng"])
-        gen.manual_seed(cfg.seed + start_epoch)
-        augment.generator.manual_seed(cfg.seed + rank + 1000 * start_epoch)
-        if is_main:
-            logger.info(
-                "resumed from %s at epoch %d (best val AUC %.4f at epoch %d)",
-                last_path,
-                start_epoch,
-                best_auc,
-                best_epoch,
-            )
+    engine = Engine(
+        out,
+        model,
+        optimizer,
+        scheduler,
+        score_name="val_macro_auc",
+        min_delta=1e-5,
+        patience=cfg.patience,
+        generators={
+            "data_order": gen,
+            "augment": augment.generator,
+            **({"sampler": sampler.generator} if parts.balanced and not distributed else {}),
+        },
+        config=json.loads(json.dumps(asdict(cfg), default=_json_default)),
+        is_main=is_main,
+        progress=show,
+        name=cfg.backbone,
+    )
+    if cfg.resume and engine.resume() and distributed:
+        # Rank 0's augmentation state is in the checkpoint; the other ranks draw their own.
+        augment.generator.manual_seed(cfg.seed + rank + 1000 * engine.start_epoch)
 
-    # A run that had already stopped early stays stopped when resumed.
-    stopped_early = bad_epochs >= cfg.patience
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, cfg.epochs if not stopped_early else start_epoch):
+    def train_epoch(epoch: int, bar: tqdm) -> dict:
         if distributed:
             sampler.set_epoch(epoch)
         net.train()
         t0, running, seen = time.time(), 0.0, 0
-        bar = tqdm(
-            total=steps_per_epoch,
-            desc=f"{cfg.backbone} epoch {epoch + 1}/{cfg.epochs}",
-            disable=not show,
-            unit="step",
-            leave=False,
-        )
         for step, (x, y) in enumerate(train_loader):
             if step >= steps_per_epoch:
                 break
@@ -565,77 +557,35 @@ def train(cfg: TrainConfig) -> TrainResult:
             seen += len(y)
             bar.set_postfix(loss=f"{running / seen:.4f}")
             bar.update()
-        bar.close()
-        train_seconds = time.time() - t0
+        return {"train_loss": running / max(seen, 1), "train_seconds": time.time() - t0}
 
-        stop = torch.zeros(1)
-        if is_main:
-            probs, targets = predict_loader(model, val_loader, device, show)
-            auc = macro_auc(targets, probs)
-            acc = float((probs.argmax(1) == targets).mean())
-            improved = auc > best_auc + 1e-5
-            if improved:
-                best_auc, best_epoch, bad_epochs = auc, epoch, 0
-            else:
-                bad_epochs += 1
-            record = {
-                "epoch": epoch,
-                "train_loss": running / max(seen, 1),
-                "val_macro_auc": auc,
-                "val_accuracy": acc,
-                "train_seconds": round(train_seconds, 1),
-                "lr": scheduler.get_last_lr()[0],
-            }
-            history.append(record)
-            logger.info(
-                "epoch %d: loss %.4f, val macro AUC %.4f, val acc %.4f, %.0fs%s",
-                epoch + 1,
-                record["train_loss"],
-                auc,
-                acc,
-                train_seconds,
-                " (best)" if improved else "",
-            )
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "best_auc": best_auc,
-                "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs,
-                "history": history,
-                "torch_rng": torch.get_rng_state(),
-                "config": json.loads(json.dumps(asdict(cfg), default=_json_default)),
-            }
-            _atomic_save(state, last_path)
-            if improved:
-                _atomic_save(
-                    {"model": model.state_dict(), "epoch": epoch, "val_macro_auc": auc}, best_path
-                )
-            (out / "history.json").write_text(json.dumps(history, indent=2))
-            if bad_epochs >= cfg.patience:
-                stop[0] = 1
-        if distributed:
-            dist.broadcast(stop, src=0)
-        if stop.item():
-            stopped_early = True
-            if is_main:
-                logger.info("early stop: no better val AUC for %d epochs", cfg.patience)
-            break
+    def validate(epoch: int, stats: dict) -> dict:
+        probs, targets = predict_loader(model, val_loader, device, show)
+        return {
+            "epoch": epoch,
+            "train_loss": stats["train_loss"],
+            "val_macro_auc": macro_auc(targets, probs),
+            "val_accuracy": float((probs.argmax(1) == targets).mean()),
+            "train_seconds": round(stats["train_seconds"], 1),
+            "lr": scheduler.get_last_lr()[0],
+        }
+
+    run = engine.run(cfg.epochs, steps_per_epoch, train_epoch, validate)
+    history = run.history
 
     if is_main:
         export_run(cfg, out, size, val_loader, device, history, train_rows, prep_spec)
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
-    return TrainResult(out, best_epoch + 1, best_auc, epoch + 1, stopped_early, time.time() - start)
-
-
-def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    return TrainResult(
+        out,
+        run.best_epoch + 1,
+        run.best_score,
+        run.epochs_run,
+        run.stopped_early,
+        time.time() - start,
+    )
 
 
 def export_run(
