@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from helpers import ROOT, make_throwaway_bundle
 from PIL import Image
+from test_engine import Interrupted, killed_after_first_epoch, same_weights
 from typer.testing import CliRunner
 
 from dicom_covid.analysis.heat_study import _stratified
@@ -385,6 +386,41 @@ def test_cli_train_and_evaluate(tmp_path: Path) -> None:
     assert (out / "lung_contours.png").is_file() and (out / "lung_dice.md").is_file()
     missing = runner.invoke(app, [*args[:4], str(tmp_path / "none.zip")])
     assert missing.exit_code == 2  # typer: --masks must exist
+
+
+def test_a_killed_training_resumes_to_the_same_weights(
+    synthetic: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after epoch 1 and resumed, a 2-epoch U-Net run ends with the uninterrupted weights.
+
+    The batch order and every MONAI augmentation's random state continue where they stopped.
+    """
+    import torch
+
+    from dicom_covid.lungs import training as lung_training
+
+    data, archive = synthetic
+    kw = {"masks": archive, "epochs": 2, "input_size": 32, "batch_size": 2, "progress": False}
+    whole = json.loads(lung_training.train_segmenter(data, tmp_path / "whole", **kw).read_text())
+    with monkeypatch.context() as m:
+        m.setattr(lung_training, "Engine", killed_after_first_epoch(lung_training.Engine))
+        with pytest.raises(Interrupted):
+            lung_training.train_segmenter(data, tmp_path / "killed", **kw)
+    resumed = lung_training.train_segmenter(data, tmp_path / "killed", resume=True, **kw)
+    resumed_facts = json.loads(resumed.read_text())
+
+    def weights(run: str) -> dict:
+        path = tmp_path / run / "checkpoint.pt"
+        return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+    assert same_weights(weights("whole"), weights("killed"))
+    untimed = [
+        [{k: v for k, v in h.items() if k != "seconds"} for h in f["training"]["history"]]
+        for f in (whole, resumed_facts)
+    ]
+    assert untimed[0] == untimed[1] and [h["epoch"] for h in untimed[0]] == [1, 2]
+    assert resumed_facts["training"]["best_epoch"] == whole["training"]["best_epoch"]
+    assert resumed_facts["dice"]["test"]["summary"] == whole["dice"]["test"]["summary"]
 
 
 # --------------------------------------------------------------------------------------------

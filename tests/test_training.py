@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_engine import Interrupted, killed_after_first_epoch, same_weights
 from typer.testing import CliRunner
 
 from dicom_covid.bundle import Bundle, install_model
@@ -211,6 +212,58 @@ def test_initial_weights_do_not_depend_on_the_image_cache(
     warm = initial_weights("warm")  # every image from the cache: no draws
     names = [name for name, _ in build_model("efficientnet_lite0").named_parameters()]
     assert names and all(torch.equal(cold[name], warm[name]) for name in names)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "without"), [("v1", ()), ("transfer", ("lung_crop",))], ids=["v1", "transfer"]
+)
+def test_a_killed_run_resumes_to_the_same_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recipe: str, without: tuple[str, ...]
+) -> None:
+    """Killed after epoch 1 and resumed, a 2-epoch run ends with the uninterrupted weights.
+
+    Data order, augmentation, the balanced sampler (transfer), dropout, optimiser and the
+    per-step learning-rate schedule all continue where they stopped.
+    """
+    data = _noise_data(tmp_path / "data")
+
+    def cfg(run: str, resume: bool = False) -> TrainConfig:
+        return TrainConfig(
+            "efficientnet_lite0",
+            data,
+            tmp_path / run,
+            epochs=2,
+            batch_size=2,
+            lr=1e-2,
+            image_size=32,
+            imagenet=False,
+            max_steps_per_epoch=2,
+            progress=False,
+            device="cpu",
+            resume=resume,
+            recipe=recipe,
+            without=without,
+            patience=5,
+        )
+
+    whole = train_module.train(cfg("whole"))
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "Engine", killed_after_first_epoch(train_module.Engine))
+        with pytest.raises(Interrupted):
+            train_module.train(cfg("killed"))
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+    resumed = train_module.train(cfg("killed", resume=True))
+
+    def last(run: str) -> dict:
+        return torch.load(tmp_path / run / "last.pt", map_location="cpu", weights_only=False)
+
+    assert same_weights(last("whole")["model"], last("killed")["model"])
+    assert (resumed.best_epoch, resumed.epochs_run) == (whole.best_epoch, whole.epochs_run)
+    untimed = [
+        [{k: v for k, v in h.items() if k != "train_seconds"} for h in last(run)["history"]]
+        for run in ("whole", "killed")
+    ]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 2
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
