@@ -16,8 +16,9 @@ save objects' ``state_dict`` only, not the data-order and augmentation generator
 resuming bit for bit needs; the classifier also caps steps per epoch, steps its scheduler per
 step under a GradScaler, and validates on rank 0 only under DistributedDataParallel, and the
 U-Net assembles augmented batches from in-memory tensors without a DataLoader: each would be a
-custom handler or iteration function. This module is about 200 lines and replaces the two
-hand-written copies of the same mechanics (resume, checkpoint, best state, history, bar).
+custom handler or iteration function. This module (about 200 lines of code) replaces the two
+hand-written copies of the same mechanics (resume, checkpoint, best state, history, bar): the
+trainers lost 158 lines and gained 84 (their step and validation functions).
 
 Checkpoint format (``format`` = :data:`CHECKPOINT_FORMAT`)::
 
