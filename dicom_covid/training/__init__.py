@@ -1,5 +1,8 @@
 """Training: one engine for every network, and what is fitted around it.
 
+* :mod:`~dicom_covid.training.engine`: the epoch loop every network trains on (resume with every
+  random generator's state, per-epoch checkpoint, best state, early stop, history, progress),
+  used by the classifiers and by :mod:`dicom_covid.lungs.training`;
 * :mod:`~dicom_covid.training.train`: :func:`~dicom_covid.training.train.train` and
   :class:`~dicom_covid.training.train.TrainConfig` (recipes, resume, early stopping, DDP, export);
 * :mod:`~dicom_covid.training.data`: manifests, seeded subsamples, the cached image dataset;
