@@ -411,6 +411,138 @@ def test_percentile_window_when_there_is_no_window(tmp_path, reference):
 
 
 # --------------------------------------------------------------------------------------------
+# grey-level conversion against a plain float64 reference (the reader maps 8/16-bit data through
+# a look-up table; this is the arithmetic it must reproduce pixel for pixel)
+
+
+def _reference_pixels(ds: Dataset) -> np.ndarray:
+    """Stored values → [0, 1], 1 bright, written from PS3.3 C.11 pixel by pixel in float64."""
+    x = ds.pixel_array.astype(np.float64)
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        x = x * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    centers, widths = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if centers is not None and widths is not None:
+        c = float(centers[0] if isinstance(centers, pydicom.multival.MultiValue) else centers)
+        w = float(widths[0] if isinstance(widths, pydicom.multival.MultiValue) else widths)
+        function = str(ds.get("VOILUTFunction", "LINEAR"))
+        if function == "LINEAR":  # C.11.2.1.2.1, output range [0, 1]
+            y = np.where(
+                x <= c - 0.5 - (w - 1) / 2,
+                0.0,
+                np.where(x > c - 0.5 + (w - 1) / 2, 1.0, (x - (c - 0.5)) / (w - 1) + 0.5),
+            )
+        elif function == "LINEAR_EXACT":  # C.11.2.1.3.2
+            y = np.where(x <= c - w / 2, 0.0, np.where(x > c + w / 2, 1.0, (x - c) / w + 0.5))
+        else:  # SIGMOID, C.11.2.1.3.1
+            y = 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+    else:  # no window: the 0.5 and 99.5 percentiles of the modality values become 0 and 1
+        lo, hi = np.percentile(x, [0.5, 99.5])
+        y = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+    return 1.0 - y if ds.PhotometricInterpretation == "MONOCHROME1" else y
+
+
+def _big_cr(photometric: str, function: str | None, rows: int = 2500, cols: int = 2000) -> Dataset:
+    """A ``rows x cols`` 12-bit CR (smooth chest-like field plus noise) with Rescale Slope and
+    Intercept and, unless ``function`` is None, a window of that VOI LUT Function."""
+    y, x = np.mgrid[0:rows, 0:cols]
+    field = 2048 + 1800 * np.sin(x / (cols / 6.0)) * np.cos(y / (rows / 5.0))
+    noise = np.random.default_rng(7).normal(0.0, 150.0, (rows, cols))
+    pixels = np.clip(field + noise, 0, 4095).astype(np.uint16)
+    attrs: dict[str, object] = {
+        "PhotometricInterpretation": photometric,
+        "RescaleSlope": 0.75,
+        "RescaleIntercept": -512,
+        "RescaleType": "US",
+    }
+    if function is not None:  # in rescaled units: modality values run from -512 to 2559
+        attrs.update(WindowCenter=1000, WindowWidth=1200, VOILUTFunction=function)
+    return _synthetic(pixels, **attrs)
+
+
+def _signed_cr() -> Dataset:
+    """A signed 16-bit CR (Pixel Representation 1) with a negative intercept and a window."""
+    ds = _big_cr("MONOCHROME2", "LINEAR", 400, 320)
+    stored = ds.pixel_array.astype(np.int16) - 2048
+    ds.PixelRepresentation = 1
+    ds.PixelData = stored.astype("<i2").tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = 2.0, -100
+    ds.WindowCenter, ds.WindowWidth = 200, 3000
+    return ds
+
+
+def _wide_cr(bits: int) -> Dataset:
+    """The signed-free 16-bit field stored in ``bits`` (8 or 32) bits allocated, no window."""
+    ds = _big_cr("MONOCHROME1", None, 400, 320)
+    values = ds.pixel_array
+    if bits == 8:
+        values = values >> 4
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelData = values.astype(f"<u{bits // 8}").tobytes()
+    return ds
+
+
+def _windowless(name: str) -> Dataset:
+    ds = pydicom.dcmread(SAMPLES / name)
+    del ds.WindowCenter
+    del ds.WindowWidth
+    return ds
+
+
+#: case id, dataset maker, whether the case clips at both ends and fills the middle grey range
+CONVERSION_TABLE: list[tuple[str, Callable[[], Dataset], bool]] = [
+    *[
+        (name, lambda name=name: pydicom.dcmread(SAMPLES / name), False)
+        for name, *_ in [*SAMPLE_TABLE, *LABELLED_TABLE]
+    ],
+    ("chest_cr_mono1.dcm without window", lambda: _windowless("chest_cr_mono1.dcm"), False),
+    ("covid19_cr_pa.dcm without window", lambda: _windowless("covid19_cr_pa.dcm"), False),
+    *[
+        (f"2000x2500 {pi} {fn or 'no window'}", lambda pi=pi, fn=fn: _big_cr(pi, fn), True)
+        for pi in ("MONOCHROME1", "MONOCHROME2")
+        for fn in ("LINEAR", "LINEAR_EXACT", "SIGMOID", None)
+    ],
+    ("signed 16-bit", _signed_cr, True),
+    ("8-bit", lambda: _wide_cr(8), True),
+    ("32-bit (pixel by pixel)", lambda: _wide_cr(32), True),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "telling"), [c[1:] for c in CONVERSION_TABLE], ids=[c[0] for c in CONVERSION_TABLE]
+)
+def test_conversion_matches_a_float64_reference(make, telling):
+    ds = make()
+    expected = _reference_pixels(ds)
+    image = read_dataset(ds)
+    assert image.pixels.dtype == np.float32 and image.pixels.flags.c_contiguous
+    np.testing.assert_allclose(image.pixels, expected, rtol=0, atol=1e-5)
+    if telling:  # a wrong window or a missing inversion cannot pass: both ends clip (or nearly,
+        # for SIGMOID) and the middle of the grey range is well filled
+        assert (expected < 0.02).mean() > 0.004 and (expected > 0.98).mean() > 0.004
+        assert ((expected > 0.2) & (expected < 0.8)).mean() > 0.2
+
+
+@pytest.mark.parametrize("make", [_signed_cr, lambda: _wide_cr(32)], ids=["16-bit", "32-bit"])
+def test_conversion_leaves_the_decoded_pixels_alone(make):
+    ds = make()
+    decoded = ds.pixel_array.copy()
+    first = read_dataset(ds).pixels
+    np.testing.assert_array_equal(ds.pixel_array, decoded)
+    np.testing.assert_array_equal(read_dataset(ds).pixels, first)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about a NaN DS value
+@pytest.mark.parametrize("bits", [8, 32])
+def test_non_finite_grey_levels_are_rejected(bits):
+    ds = _wide_cr(bits)
+    ds.WindowCenter, ds.WindowWidth = float("nan"), 100
+    with pytest.raises(InputRejected) as info:
+        read_dataset(ds)
+    assert info.value.reason == "decode_failed" and "not finite" in info.value.message
+
+
+# --------------------------------------------------------------------------------------------
 # PNG and JPEG
 
 
