@@ -566,7 +566,7 @@ def _normalise(raw: np.ndarray, ds: Dataset, invert: bool, source: str) -> tuple
     Modality LUT / Rescale, VOI (:func:`_apply_voi`) and the MONOCHROME1 inversion are the same
     float64 arithmetic whichever way they run. For 8- and 16-bit data they run once per value the
     type can hold, into a ``float32`` table that the image is then looked up in (one
-    ``np.take``), so a 5-Mpixel radiograph costs one gather instead of a dozen float64 passes; the
+    gather), so a 5-Mpixel radiograph costs one gather instead of a dozen float64 passes; the
     percentile window's percentiles come from the image's histogram. Other data (32-bit) runs
     pixel by pixel in float64, in place.
     """
@@ -589,7 +589,7 @@ def _normalise(raw: np.ndarray, ds: Dataset, invert: bool, source: str) -> tuple
     arr32 = arr.astype(np.float32)
     if table is not None:
         finite = bool(np.isfinite(arr32).all())
-        arr32 = np.take(arr32, index)
+        arr32 = arr32[index]  # a gather: faster than np.take for uint16 indices
         if not finite:  # a non-finite entry matters only when the image holds its value
             finite = bool(np.isfinite(arr32).all())
     else:
