@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -60,3 +61,18 @@ def postgres():
 def postgres_url(postgres) -> str:
     """URL of a new, empty database in the session's PostgreSQL cluster."""
     return postgres.new_database()
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Give every test the root logger it started with.
+
+    A command run in-process through ``CliRunner`` calls ``setup_logging``, which points the
+    root logger at the runner's captured stderr; once the runner closes it, any later log record
+    would fail with "I/O operation on closed file" and mix tracebacks into other tests' output.
+    """
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
