@@ -26,7 +26,6 @@ SR and SC builders.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -34,14 +33,22 @@ import signal
 import subprocess
 import threading
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
+from crash_helpers import (
+    SC_CLASS,
+    SR_CLASS,
+    STORESCU,
+    acknowledged,
+    fast_bundle,
+    results_per_source,
+    small_cr,
+    storescu,
+)
 from live_service import ServeProcess
-from pacs_helpers import PATIENT_ID, PATIENT_NAME, DestinationSCP, sample_path, send, wait_until
+from pacs_helpers import PATIENT_ID, PATIENT_NAME, DestinationSCP, send, wait_until
 from pydicom.uid import generate_uid
 
 from pacs_listener.jobs import JobStore
@@ -52,9 +59,6 @@ STUDIES = 50
 PER_STUDY = 4
 KILLS = 4
 SEED = 20261127
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
-SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-STORESCU = "storescu"
 #: Where each kill lands: while storescu sends, while the worker analyses a job, while the
 #: sender delivers; the exact moment inside it is seeded-random (seconds after it is reached).
 PHASES = ("receiving", "analysing", "receiving", "delivering")
@@ -77,55 +81,6 @@ def _reach(store: JobStore, phase: str, timeout: float = 90.0) -> bool:
             return True
         time.sleep(0.02)
     return False
-
-
-def small_cr(study: str, series: str) -> pydicom.Dataset:
-    """The sample chest CR downsampled to 256 x 256, with fresh SOP Instance UID."""
-    ds = pydicom.dcmread(sample_path("chest_cr_mono2.dcm"))
-    arr = ds.pixel_array[::3, ::3][11:267, 2:258]
-    assert arr.shape == (256, 256)
-    ds.Rows, ds.Columns = arr.shape
-    ds.PixelData = np.ascontiguousarray(arr).tobytes()
-    for kw in ("PixelSpacing", "ImagerPixelSpacing"):
-        if kw in ds:
-            setattr(ds, kw, [round(float(v) * 3, 4) for v in ds[kw].value])
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
-    return ds
-
-
-def fast_bundle(root: Path, input_size: int = 64) -> Path:
-    """The throw-away bundle with the model's input size lowered (cheap inference)."""
-    from helpers import make_throwaway_bundle
-
-    make_throwaway_bundle(root)
-    facts = root / "models" / "efficientnet_lite0.json"
-    data = json.loads(facts.read_text())
-    data["input_size"] = input_size
-    facts.write_text(json.dumps(data, indent=2))
-    return root
-
-
-def acknowledged(log: str) -> set[str]:
-    """Files ``storescu -v`` got a success response for."""
-    done, current = set(), None
-    for line in log.splitlines():
-        m = re.match(r"I: Sending file: (.+)$", line.strip())
-        if m:
-            current = m.group(1)
-        elif "Received Store Response (Success)" in line and current:
-            done.add(current)
-            current = None
-    return done
-
-
-def storescu(files: list[Path], port: int, log: Path) -> subprocess.Popen:
-    cmd = [STORESCU, "-v", "-aet", "ORTHANC", "-aec", "DICOMCOVID", "-to", "30", "-ta", "30"]
-    cmd += ["127.0.0.1", str(port), *map(str, files)]
-    out = log.open("w")
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out)
 
 
 @pytest.mark.skipif(
@@ -207,7 +162,7 @@ def test_kill_9_while_receiving_loses_nothing_and_duplicates_nothing(
         svc.close()
         dest.stop()
 
-    per_source = _results_per_source(dest.received)  # distinct result objects per source
+    per_source = results_per_source(dest.received)  # distinct result objects per source
     arrivals = dest.counts()
     lost = sorted(expected - set(per_source))
     wrong = {s: dict(c) for s, c in per_source.items() if c != {SR_CLASS: 1, SC_CLASS: 1}}
@@ -355,25 +310,6 @@ def test_repeated_kills_of_the_whole_service_do_not_fail_the_job_they_interrupt(
         svc.close()
 
 
-def _results_per_source(received: list[pydicom.Dataset]) -> dict[str, Counter]:
-    """Distinct result objects (SR, SC) per source image among what a destination received."""
-    per_source: dict[str, Counter] = defaultdict(Counter)
-    seen: set[str] = set()
-    for ds in received:
-        uid, cls = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
-        if uid in seen:
-            continue
-        seen.add(uid)
-        if cls == SR_CLASS:
-            ev = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
-            source = str(ev.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-        else:
-            assert cls == SC_CLASS, f"unexpected result class {cls}"
-            source = str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
-        per_source[source][cls] += 1
-    return per_source
-
-
 @pytest.mark.timeout(600)
 def test_kill_9_of_one_worker_of_two_loses_nothing(tmp_path: Path) -> None:
     """Two workers, batches of four: 48 images in 12 studies arrive; the worker holding a claim
@@ -430,7 +366,7 @@ def test_kill_9_of_one_worker_of_two_loses_nothing(tmp_path: Path) -> None:
     assert re.search(
         rf"worker \d \(process {pid}\) exited unexpectedly \(exit code -9\); its [1-9]\d* job", log
     )
-    per_source = _results_per_source(dest.received)
+    per_source = results_per_source(dest.received)
     expected = {str(ds.SOPInstanceUID) for ds in images}
     assert set(per_source) == expected
     assert all(c == {SR_CLASS: 1, SC_CLASS: 1} for c in per_source.values())

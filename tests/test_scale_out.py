@@ -24,19 +24,19 @@ import time
 from pathlib import Path
 
 import pytest
-from live_service import ServeProcess, run_cli
-from pacs_helpers import PATIENT_ID, PATIENT_NAME, DestinationSCP, wait_until
-from pydicom.uid import generate_uid
-from test_crash_safety import (
+from crash_helpers import (
     SC_CLASS,
     SR_CLASS,
     STORESCU,
-    _results_per_source,
     acknowledged,
     fast_bundle,
+    results_per_source,
     small_cr,
     storescu,
 )
+from live_service import ServeProcess, run_cli
+from pacs_helpers import PATIENT_ID, PATIENT_NAME, DestinationSCP, wait_until
+from pydicom.uid import generate_uid
 
 from pacs_listener.jobs import JobStore
 
@@ -167,7 +167,7 @@ def test_two_listeners_two_workers_one_postgresql_lose_nothing(
         r"job (\d+): the lease of worker-1/worker-\d+ expired (\d+) s ago",
         workers[1].log.read_text(),
     )
-    per_source = _results_per_source(dest.received)
+    per_source = results_per_source(dest.received)
     arrivals = dest.counts()
     lost = sorted(expected - set(per_source))
     wrong = {s: dict(c) for s, c in per_source.items() if c != {SR_CLASS: 1, SC_CLASS: 1}}
