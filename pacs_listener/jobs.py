@@ -1,4 +1,6 @@
-"""The durable job store: SQLite (WAL, ``synchronous=FULL``) shared by the SCP, worker and sender.
+"""The durable job store shared by the SCP, workers and senders: SQLite (WAL,
+``synchronous=FULL``) on one machine, or PostgreSQL shared by several nodes
+(:mod:`pacs_listener.store`).
 
 Nothing is acknowledged to the PACS before it is in this store, and nothing leaves a state
 before the next state is committed, so a crash or restart resumes where it stopped.
@@ -23,8 +25,12 @@ row per target (``AE@host:port`` or ``dir:<path>``), ``pending`` → ``delivered
 A delivery is marked delivered right after the destination confirmed it, so a restart sends
 again at most the result that was in flight — at least once, with the same SOP Instance UID.
 
-The database file is created with mode 0600 (SQLite gives its ``-wal``/``-shm`` files the same
-mode). Each thread gets its own connection; the worker process opens its own store.
+A worker's claim on a job carries a lease it renews (:meth:`JobStore.renew_leases`); a job
+whose lease expired is claimed again by any worker, and the old owner can no longer record
+results for it (:class:`LeaseLost`).
+
+Each thread gets its own connection; each worker process opens its own store. The SQLite file
+is created with mode 0600 (SQLite gives its ``-wal``/``-shm`` files the same mode).
 """
 
 from __future__ import annotations

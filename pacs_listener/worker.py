@@ -3,7 +3,7 @@
 :func:`worker_main` runs in a process started with the ``spawn`` method by
 :class:`~pacs_listener.service.Service`. It is the only place torch enters the service: it loads
 the model once (:class:`dicom_covid.inference.Predictor` and, for the heat map,
-:class:`dicom_covid.explain.Explainer`), then claims grouped jobs from the SQLite store and, for
+:class:`dicom_covid.explain.Explainer`), then claims grouped jobs from the job store and, for
 each candidate image, runs :func:`dicom_covid.results.analyse`, writes the SR and the SC
 atomically under ``results/<job>/<SOPInstanceUID>/`` and records them (one SR and one SC per
 image, enforced by the store) with a pending delivery per target. An image that cannot be
@@ -12,8 +12,9 @@ on; the listener is never blocked because it runs in another process.
 
 Results are written only while the results folder keeps ``results_min_free_bytes`` free after
 them. When it does not, or a write fails because the disk is full (``ENOSPC``, ``EDQUOT``,
-SQLite's "disk is full"), the job is put aside as ``waiting_for_disk`` and claimed again after
-an exponential backoff, by itself: acknowledged images are never failed for lack of space.
+SQLite's "disk is full", PostgreSQL's ``disk_full``), the job is put aside as
+``waiting_for_disk`` and claimed again after an exponential backoff, by itself: acknowledged
+images are never failed for lack of space.
 
 Importing this module does not import torch; :class:`JobProcessor` does, when built.
 """
