@@ -107,14 +107,20 @@ def resolve_bundle(bundle: Path | None) -> Path:
     return b.root
 
 
-def orthanc_module():
-    """``tests/orthanc.py`` (starts a real Orthanc on free loopback ports)."""
+def tests_module(name: str):
+    """A helper module of ``tests/`` (e.g. ``orthanc``: a real Orthanc on free loopback ports;
+    ``postgres``: a throw-away PostgreSQL cluster), imported by name."""
+    import importlib
+
     tests = str(ROOT / "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
-    import orthanc  # type: ignore[import-not-found]
+    return importlib.import_module(name)
 
-    return orthanc
+
+def orthanc_module():
+    """``tests/orthanc.py`` (starts a real Orthanc on free loopback ports)."""
+    return tests_module("orthanc")
 
 
 def exit_on_sigterm() -> None:

@@ -42,16 +42,6 @@ import pydicom
 from pacs_listener.jobs import JobStore, ResultFile
 
 
-def postgres_module():
-    """``tests/postgres.py`` (throw-away PostgreSQL clusters)."""
-    tests = str(_pacs.ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import postgres  # type: ignore[import-not-found]
-
-    return postgres
-
-
 def _ms(values: list[float], q: float) -> float:
     return _pacs.percentile(values, q / 100.0) * 1000.0
 
@@ -195,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     counts = [int(k) for k in args.workers.split(",")]
     bundle = _pacs.resolve_bundle(args.bundle)
-    postgres = postgres_module()
+    postgres = _pacs.tests_module("postgres")  # throw-away PostgreSQL clusters
     print(f"# {_pacs.machine()}")
     with (
         tempfile.TemporaryDirectory(prefix="dicom-covid-scale-") as tmp,
